@@ -1,0 +1,8 @@
+"""selftune.storage: the database (SQLAlchemy 2 + Alembic) behind selftune. Never imports torch."""
+
+from __future__ import annotations
+
+from .db import current_revision, head_revision, make_engine, migrate, sqlite_url
+from .repositories import Store, UnitOfWork
+
+__all__ = ["Store", "UnitOfWork", "current_revision", "head_revision", "make_engine", "migrate", "sqlite_url"]
