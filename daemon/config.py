@@ -1,0 +1,117 @@
+"""Where the state lives, and the configuration: TOML file, then ``SELFTUNE_<SECTION>__<KEY>`` overrides.
+
+Every problem (unknown section or key, wrong type, bad value) is collected and reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from selftune.policies.config import SECTIONS, Config
+from selftune.policies.errors import ConfigError
+
+CONFIG_FILE = "selftune.toml"
+ENV_PREFIX = "SELFTUNE_"
+TEMPLATE = Path(__file__).with_name(CONFIG_FILE)
+
+
+def resolve_state_dir(option: str | None = None, env: Mapping[str, str] = os.environ) -> Path:
+    """``--state``, else ``$SELFTUNE_STATE``, else systemd's ``$STATE_DIRECTORY``, else ``./.selftune``."""
+    chosen = option or env.get("SELFTUNE_STATE") or env.get("STATE_DIRECTORY", "").split(":")[0] or ".selftune"
+    return Path(chosen).expanduser().resolve()
+
+
+def config_path(state: Path, option: str | None = None, env: Mapping[str, str] = os.environ) -> Path:
+    """``--config``, else ``$SELFTUNE_CONFIG``, else ``<state>/selftune.toml``."""
+    return Path(option or env.get("SELFTUNE_CONFIG") or state / CONFIG_FILE).expanduser().resolve()
+
+
+def load_config(path: Path | None, env: Mapping[str, str] = os.environ) -> Config:
+    """The file's settings (defaults where it is silent or absent), then environment overrides."""
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if path is not None and path.exists():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML ({exc}); compare it with `selftune config --default`"]) from exc
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for section, key, value in _env_overrides(env, problems):
+        merged.setdefault(section, {})[key] = value
+    sections = {name: _build_section(name, merged.pop(name, {}), problems) for name in SECTIONS}
+    problems += [f"unknown section [{name}]: known sections are {', '.join(SECTIONS)}" for name in merged]
+    problems += [p for section in sections.values() for p in section.problems()]
+    if problems:
+        raise ConfigError(problems, source=f"configuration {path}" if path else "configuration")
+    return Config(**sections)
+
+
+def _env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, str, Any]]:
+    out = []
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        field_type = _field_types(section).get(key)
+        if field_type is None:
+            problems.append(f"${name}: no setting {section}.{key}; use SELFTUNE_<SECTION>__<KEY>, e.g. SELFTUNE_SERVER__PORT")
+            continue
+        if field_type is str:
+            out.append((section, key, text))
+            continue
+        try:
+            out.append((section, key, tomllib.loads(f"v = {text}")["v"]))
+        except tomllib.TOMLDecodeError:
+            problems.append(f"${name} = {text!r}: not a TOML value (numbers as 3 or 0.5, booleans as true/false, lists as [\"a\"])")
+    return out
+
+
+def _build_section(name: str, values: Any, problems: list[str]) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(values, dict):
+        problems.append(f"[{name}] must be a table of settings, got {values!r:.40}")
+        return cls()
+    types = _field_types(name)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types:
+            problems.append(f"{name}.{key}: unknown setting; known: {', '.join(types)}")
+        elif (problem := _type_problem(value, types[key])) is not None:
+            problems.append(f"{name}.{key} = {value!r:.60}: {problem}")
+        else:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _type_problem(value: Any, expected: Any) -> str | None:
+    if expected is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if expected is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected a whole number"
+    if expected is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "expected a number"
+    if expected is str:
+        return None if isinstance(value, str) else "expected a string"
+    if typing.get_origin(expected) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "expected a list of strings"
+    return None
+
+
+def default_config_text() -> str:
+    """The commented default configuration, as ``selftune init`` writes it."""
+    return TEMPLATE.read_text(encoding="utf-8")

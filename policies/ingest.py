@@ -1,0 +1,217 @@
+"""Turning one decoded input row into a validated ``InteractionIn``: formats, detection, checks.
+
+Three formats, detected per row by their keys or forced with ``fmt``:
+- ``openai``: ``{"messages": [{"role": ..., "content": ...}, ...]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
+- ``prompt``: ``{"prompt": ..., "response": ..., "system"?: ...}``
+Every format also takes ``id`` (or ``external_id``), ``domain``, ``tags`` and ``feedback``; other
+fields are kept in ``metadata``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRecordError
+from .records import ROLES, FeedbackIn, InteractionIn, Message
+
+FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "prompt")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+COMMON_KEYS = {"id", "external_id", "domain", "tags", "feedback"}
+FORMAT_KEYS = {"openai": {"messages"}, "sharegpt": {"conversations"}, "prompt": {"prompt", "response", "system"}}
+MAX_ID_CHARS = 256
+MAX_LABEL_CHARS = 64
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """What a row does not say for itself."""
+
+    branch: str = "main"
+    domain: str | None = None
+    source: str = "ingest"
+    max_message_chars: int = 200_000
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    """The format of one row, by its keys; an error naming the keys it has if none fits."""
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row or "response" in row:
+        return "prompt"
+    raise InvalidRecordError(
+        f"unknown row format with keys {sorted(row)[:8]}: expected 'messages' (OpenAI chat), "
+        "'conversations' (ShareGPT) or 'prompt' and 'response'"
+    )
+
+
+def parse_row(row: Any, fmt: str = "auto", defaults: RowDefaults = RowDefaults()) -> InteractionIn:
+    """Validate one decoded JSON value as an interaction; ``InvalidRecordError`` says what is wrong."""
+    if not isinstance(row, dict):
+        raise InvalidRecordError(f"expected a JSON object, got {type(row).__name__}")
+    if fmt not in FORMATS:
+        raise InvalidRecordError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    messages = _MESSAGE_READERS[fmt](row)
+    _check_messages(messages, defaults.max_message_chars)
+    extra_keys = set(row) - COMMON_KEYS - FORMAT_KEYS[fmt]
+    return InteractionIn(
+        messages=messages,
+        branch=defaults.branch,
+        domain=_label(row.get("domain", defaults.domain), "domain"),
+        tags=_tags(row.get("tags", [])),
+        external_id=_external_id(row.get("id", row.get("external_id"))),
+        source=defaults.source,
+        feedback=parse_feedback(row["feedback"]) if row.get("feedback") is not None else (),
+        metadata={k: row[k] for k in sorted(extra_keys)},
+    )
+
+
+def _openai_messages(row: dict[str, Any]) -> tuple[Message, ...]:
+    items = row.get("messages")
+    if not isinstance(items, list):
+        raise InvalidRecordError("'messages' must be a list of {\"role\", \"content\"} objects")
+    return tuple(_message(m, i, "role", "content", None) for i, m in enumerate(items))
+
+
+def _sharegpt_messages(row: dict[str, Any]) -> tuple[Message, ...]:
+    items = row.get("conversations")
+    if not isinstance(items, list):
+        raise InvalidRecordError("'conversations' must be a list of {\"from\", \"value\"} objects")
+    return tuple(_message(m, i, "from", "value", SHAREGPT_ROLES) for i, m in enumerate(items))
+
+
+def _prompt_messages(row: dict[str, Any]) -> tuple[Message, ...]:
+    for key in ("prompt", "response"):
+        if not isinstance(row.get(key), str):
+            raise InvalidRecordError(f"'{key}' must be a string, got {_kind(row.get(key))}")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRecordError(f"'system' must be a string, got {_kind(system)}")
+    head = (Message("system", system),) if system else ()
+    return head + (Message("user", row["prompt"]), Message("assistant", row["response"]))
+
+
+_MESSAGE_READERS = {"openai": _openai_messages, "sharegpt": _sharegpt_messages, "prompt": _prompt_messages}
+
+
+def _message(item: Any, index: int, role_key: str, content_key: str, role_map: dict[str, str] | None) -> Message:
+    if not isinstance(item, dict):
+        raise InvalidRecordError(f"message {index} must be an object, got {_kind(item)}")
+    role, content = item.get(role_key), item.get(content_key)
+    known = role_map or {r: r for r in ROLES}
+    if role not in known:
+        raise InvalidRecordError(f"message {index}: {role_key} {role!r} is not one of {', '.join(sorted(known))}")
+    if not isinstance(content, str):
+        raise InvalidRecordError(f"message {index}: '{content_key}' must be a string, got {_kind(content)}")
+    return Message(known[role], content)
+
+
+def _check_messages(messages: tuple[Message, ...], max_chars: int) -> None:
+    if not any(m.role == "user" for m in messages):
+        raise InvalidRecordError("no user message: an interaction needs a prompt")
+    if messages[-1].role != "assistant" or not messages[-1].content.strip():
+        raise InvalidRecordError("the last message must be a non-empty assistant response")
+    for i, m in enumerate(messages):
+        if len(m.content) > max_chars:
+            raise InvalidRecordError(
+                f"message {i} has {len(m.content)} characters, over ingest.max_message_chars = {max_chars}"
+            )
+
+
+def _external_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidRecordError(f"'id' must be a string or an integer, got {_kind(value)}")
+    text = str(value)
+    if not text or len(text) > MAX_ID_CHARS:
+        raise InvalidRecordError(f"'id' {text[:40]!r} must have 1 to {MAX_ID_CHARS} characters")
+    return text
+
+
+def _label(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_LABEL_CHARS:
+        raise InvalidRecordError(f"'{name}' must be a string of 1 to {MAX_LABEL_CHARS} characters, got {value!r:.60}")
+    return value
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, str) and 0 < len(t) <= MAX_LABEL_CHARS for t in value):
+        raise InvalidRecordError(f"'tags' must be a list of short strings, got {value!r:.60}")
+    return tuple(value)
+
+
+THUMBS = {"up": True, "thumbs_up": True, "down": False, "thumbs_down": False}
+
+
+def parse_feedback(value: Any) -> tuple[FeedbackIn, ...]:
+    """Feedback in any of its shapes: "up"/"down", true/false, a score, an object, or a list of these.
+
+    An object may hold ``thumbs`` ("up"/"down"/bool), ``score`` (number), ``correction`` (the
+    corrected response), ``chosen`` + ``rejected`` (a preference pair) and ``comment``.
+    """
+    if isinstance(value, list):
+        return tuple(f for item in value for f in parse_feedback(item))
+    if isinstance(value, bool):
+        return (FeedbackIn("thumbs", thumbs_up=value),)
+    if isinstance(value, str):
+        if value not in THUMBS:
+            raise InvalidRecordError(f"feedback {value!r} is not one of {', '.join(THUMBS)}")
+        return (FeedbackIn("thumbs", thumbs_up=THUMBS[value]),)
+    if isinstance(value, int | float):
+        return (_score(value),)
+    if isinstance(value, dict):
+        return _feedback_object(value)
+    raise InvalidRecordError(f"feedback must be a string, boolean, number, object or list, got {_kind(value)}")
+
+
+def _feedback_object(obj: dict[str, Any]) -> tuple[FeedbackIn, ...]:
+    known = {"thumbs", "score", "correction", "corrected_response", "chosen", "rejected", "comment"}
+    if unknown := sorted(set(obj) - known):
+        raise InvalidRecordError(f"unknown feedback field(s) {unknown}: use {', '.join(sorted(known))}")
+    comment = _optional_text(obj.get("comment"), "comment")
+    out: list[FeedbackIn] = []
+    if "thumbs" in obj:
+        thumbs = obj["thumbs"]
+        up = thumbs if isinstance(thumbs, bool) else THUMBS.get(thumbs) if isinstance(thumbs, str) else None
+        if up is None:
+            raise InvalidRecordError(f"feedback thumbs {thumbs!r} must be 'up', 'down', true or false")
+        out.append(FeedbackIn("thumbs", thumbs_up=up, comment=comment))
+    if "score" in obj:
+        out.append(_score(obj["score"], comment))
+    correction = obj.get("correction", obj.get("corrected_response"))
+    if correction is not None:
+        out.append(FeedbackIn("correction", corrected_response=_required_text(correction, "correction"), comment=comment))
+    if "chosen" in obj or "rejected" in obj:
+        out.append(FeedbackIn("preference", chosen=_required_text(obj.get("chosen"), "chosen"),
+                              rejected=_required_text(obj.get("rejected"), "rejected"), comment=comment))
+    if not out:
+        raise InvalidRecordError("feedback object says nothing: give thumbs, score, correction or chosen+rejected")
+    return tuple(out)
+
+
+def _score(value: Any, comment: str | None = None) -> FeedbackIn:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        raise InvalidRecordError(f"feedback score {value!r} must be a finite number")
+    return FeedbackIn("score", score=float(value), comment=comment)
+
+
+def _required_text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRecordError(f"feedback '{name}' must be a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    return None if value is None else _required_text(value, name)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

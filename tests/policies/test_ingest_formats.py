@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+
+from selftune.policies.errors import InvalidRecordError
+from selftune.policies.ingest import RowDefaults, parse_row
+from selftune.policies.records import Message
+
+EXPECTED = (Message("user", "What is 2+2?"), Message("assistant", "4"))
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},
+    {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]},
+    {"prompt": "What is 2+2?", "response": "4"},
+])
+def test_three_formats_parse_to_the_same_interaction(row: dict) -> None:
+    parsed = parse_row(row)
+    assert parsed.messages == EXPECTED
+    assert parsed.content_hash == parse_row({"prompt": "What is 2+2?", "response": "4"}).content_hash
+
+
+def test_extra_fields_are_kept() -> None:
+    row = {"prompt": "p", "response": "r", "id": 17, "domain": "math", "tags": ["a"], "source": "x", "term": "t",
+           "feedback": {"thumbs": "down", "correction": "better"}}
+    parsed = parse_row(row, defaults=RowDefaults(branch="b", domain="fallback"))
+    assert (parsed.external_id, parsed.domain, parsed.tags, parsed.branch) == ("17", "math", ("a",), "b")
+    assert parsed.metadata == {"source": "x", "term": "t"}
+    assert [f.kind for f in parsed.feedback] == ["thumbs", "correction"]
+    assert parsed.feedback[0].thumbs_up is False and parsed.feedback[1].corrected_response == "better"
+    assert parsed.dedupe_key == "id:17"
+
+
+def test_domain_default_applies_only_when_row_has_none() -> None:
+    assert parse_row({"prompt": "p", "response": "r"}, defaults=RowDefaults(domain="d")).domain == "d"
+
+
+def test_dedupe_key_falls_back_to_content_hash() -> None:
+    a = parse_row({"prompt": "p", "response": "r"})
+    assert a.dedupe_key == f"sha256:{a.content_hash}"
+    assert a.content_hash != parse_row({"prompt": "p", "response": "r2"}).content_hash
+
+
+@pytest.mark.parametrize(("row", "needle"), [
+    ([1, 2], "expected a JSON object"),
+    ({"text": "x"}, "unknown row format"),
+    ({"prompt": "p"}, "'response' must be a string"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "last message must be a non-empty assistant"),
+    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "'robot'"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "no user message"),
+    ({"prompt": "p", "response": "r", "feedback": "meh"}, "feedback 'meh'"),
+    ({"prompt": "p", "response": "r", "feedback": {"score": float("nan")}}, "finite number"),
+    ({"prompt": "p", "response": "r", "feedback": {"chosen": "a"}}, "'rejected' must be a non-empty string"),
+    ({"prompt": "p", "response": "r", "tags": "x"}, "'tags' must be a list"),
+    ({"prompt": "p", "response": "r", "id": True}, "'id' must be a string or an integer"),
+])
+def test_malformed_rows_name_the_problem(row: object, needle: str) -> None:
+    with pytest.raises(InvalidRecordError, match=None) as info:
+        parse_row(row)
+    assert needle in str(info.value)
+
+
+def test_overlong_message_names_the_setting() -> None:
+    with pytest.raises(InvalidRecordError, match="max_message_chars = 5"):
+        parse_row({"prompt": "p", "response": "r" * 6}, defaults=RowDefaults(max_message_chars=5))
+
+
+def test_forced_format_rejects_other_shapes() -> None:
+    with pytest.raises(InvalidRecordError, match="'messages' must be a list"):
+        parse_row({"prompt": "p", "response": "r"}, fmt="openai")
