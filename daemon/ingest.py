@@ -8,7 +8,6 @@ Standard input is spooled to a temporary file first so it can be read twice.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+import orjson
 
 from selftune.policies.errors import IngestRejectedError, InvalidRecordError
 from selftune.policies.ingest import RowDefaults, parse_row
@@ -43,12 +44,9 @@ def iter_rows(stream: BinaryIO, fmt: str, defaults: RowDefaults,
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            yield InvalidRecordError(f"not valid JSON: {exc.msg} (column {exc.colno})", line_no)
-            continue
-        except UnicodeDecodeError:
-            yield InvalidRecordError("not valid UTF-8", line_no)
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            yield InvalidRecordError(f"not valid JSON: {exc}", line_no)
             continue
         try:
             yield parse_row(value, fmt, defaults)

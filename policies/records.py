@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -186,6 +185,13 @@ class IngestResult:
 
 
 def content_hash(messages: tuple[Message, ...] | list[Message]) -> str:
-    """A stable SHA-256 of the messages (role and content), the same across processes and databases."""
-    canonical = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """A stable SHA-256 of the messages (role and content), the same across processes and databases.
+
+    Each part is length-prefixed, so no two different conversations hash the same input.
+    """
+    digest = hashlib.sha256()
+    for message in messages:
+        content = message.content.encode("utf-8")
+        digest.update(f"{message.role}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()

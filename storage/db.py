@@ -11,10 +11,10 @@ SQLITE_BUSY when a read transaction later tries to upgrade to a write.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 
 if TYPE_CHECKING:
@@ -37,15 +37,9 @@ def sqlite_url(path: str | Path) -> str:
     return URL.create("sqlite", database=str(Path(path).expanduser().resolve())).render_as_string()
 
 
-# Compact and UTF-8 as is (messages are most of the bytes on disk). One encoder, built once: json.dumps
-# with options builds a new one per call, which was a third of the ingest time.
-_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def _json_dumps(value: Any) -> str:
-    if not value and isinstance(value, (list, dict)):  # most rows have no tags or metadata
-        return "[]" if isinstance(value, list) else "{}"
-    return _JSON_ENCODER.encode(value)
+    """Compact UTF-8 JSON; orjson because encoding messages was a third of the ingest time."""
+    return orjson.dumps(value).decode()
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
