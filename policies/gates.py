@@ -1,0 +1,287 @@
+"""Regression gates and the promotion decision.
+
+A candidate and its parent are measured on the same suites; each gate turns one comparison into
+pass/fail with its value, threshold and a signed margin (positive = passed with room, negative = by
+how much it failed). A non-finite number never passes. Stdlib only, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_new_data_improvement: float = 0.02
+    """Held-out loss on the new data must drop by at least this share of the parent's loss (0.02 = 2%)."""
+    max_experience_regression: float = 0.05
+    """Held-out loss on each earlier experience may rise by at most this share of the parent's loss."""
+    max_foundation_regression: float = 0.05
+    """Foundation probe loss may rise by at most this share of the parent's loss."""
+    max_foundation_drift: float = 0.25
+    """Foundation probe loss may rise by at most this share of generation 0's loss, summed over the lineage."""
+    min_golden_pass_rate: float = 1.0
+    """Share of golden prompts (user corrections) whose corrected answer the candidate must score best."""
+    max_params_ratio: float = 1.0
+    """Candidate parameters / parent parameters may be at most this (below 1.0 demands pruning)."""
+    min_decode_speed_ratio: float = 0.8
+    """Candidate decode tokens/s / parent decode tokens/s must be at least this (timing noise needs slack)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("min_new_data_improvement", "max_experience_regression", "max_foundation_regression",
+                     "max_foundation_drift", "min_golden_pass_rate", "max_params_ratio", "min_decode_speed_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                out.append(f"gates.{name} = {value}: use a finite number")
+        if self.min_new_data_improvement >= 1.0:
+            out.append(f"gates.min_new_data_improvement = {self.min_new_data_improvement}: use a share below 1")
+        for name in ("max_experience_regression", "max_foundation_regression", "max_foundation_drift"):
+            if getattr(self, name) < 0.0:
+                out.append(f"gates.{name} = {getattr(self, name)}: use 0 (no regression allowed) or more")
+        if not 0.0 <= self.min_golden_pass_rate <= 1.0:
+            out.append(f"gates.min_golden_pass_rate = {self.min_golden_pass_rate}: use a share in [0, 1]")
+        if self.max_params_ratio <= 0.0:
+            out.append(f"gates.max_params_ratio = {self.max_params_ratio}: use a positive ratio, e.g. 1.0 or 0.8")
+        if self.min_decode_speed_ratio < 0.0:
+            out.append(f"gates.min_decode_speed_ratio = {self.min_decode_speed_ratio}: use 0 (no budget) or more")
+        return out
+
+
+@dataclass(frozen=True)
+class SuiteMetrics:
+    """One model's numbers on the evaluation suites (the candidate's and its parent's are compared)."""
+
+    new_data_loss: float
+    """Token-weighted loss on the new data's held-out rows."""
+    params: int
+    """Parameter count."""
+    experience_losses: Mapping[str, float] = field(default_factory=dict)
+    """Held-out loss per earlier experience (by experience name), the rows of the forgetting matrix."""
+    foundation_probe_loss: float | None = None
+    """Loss on the foundation probe set fixed at generation 0; None if there is none."""
+    golden_pass_rate: float | None = None
+    """Share of golden prompts passed; None if there are no golden prompts yet."""
+    golden_count: int = 0
+    """How many golden prompts the pass rate is over."""
+    decode_tokens_per_s: float | None = None
+    """Greedy decode speed on this machine; None if not measured."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_data_loss": self.new_data_loss,
+            "params": self.params,
+            "experience_losses": dict(self.experience_losses),
+            "foundation_probe_loss": self.foundation_probe_loss,
+            "golden_pass_rate": self.golden_pass_rate,
+            "golden_count": self.golden_count,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SuiteMetrics:
+        return cls(
+            new_data_loss=float(data["new_data_loss"]),
+            params=int(data["params"]),
+            experience_losses={str(k): float(v) for k, v in dict(data.get("experience_losses") or {}).items()},
+            foundation_probe_loss=_optional_float(data.get("foundation_probe_loss")),
+            golden_pass_rate=_optional_float(data.get("golden_pass_rate")),
+            golden_count=int(data.get("golden_count") or 0),
+            decode_tokens_per_s=_optional_float(data.get("decode_tokens_per_s")),
+        )
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    passed: bool
+    value: float | None
+    """The measured quantity (a relative change or a ratio); None when the gate does not apply."""
+    threshold: float
+    margin: float | None
+    """Signed room: positive passed by that much, negative failed by that much; None if not applicable or non-finite."""
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite numbers become None (the reason says what they were)."""
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "value": _json_float(self.value),
+            "threshold": _json_float(self.threshold),
+            "margin": _json_float(self.margin),
+            "reason": self.reason,
+        }
+
+
+Action = Literal["promote", "await_approval", "reject"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    failed_gates: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """The generation's status after this decision."""
+        return {"promote": "promoted", "await_approval": "candidate", "reject": "rejected"}[self.action]
+
+
+def evaluate_gates(
+    candidate: SuiteMetrics,
+    parent: SuiteMetrics,
+    config: GateConfig,
+    foundation: SuiteMetrics | None = None,
+) -> list[GateResult]:
+    """Every gate for a candidate against its parent (and generation 0, for the cumulative drift gate)."""
+    results = [
+        _relative_improvement_gate(
+            "new_data_improvement", candidate.new_data_loss, parent.new_data_loss, config.min_new_data_improvement,
+            "held-out loss on the new data",
+        )
+    ]
+    for name in sorted(set(parent.experience_losses) | set(candidate.experience_losses)):
+        results.append(
+            _relative_regression_gate(
+                f"experience_regression[{name}]", candidate.experience_losses.get(name),
+                parent.experience_losses.get(name), config.max_experience_regression,
+                f"held-out loss on earlier experience {name!r}",
+            )
+        )
+    if candidate.foundation_probe_loss is not None or parent.foundation_probe_loss is not None:
+        results.append(
+            _relative_regression_gate(
+                "foundation_regression", candidate.foundation_probe_loss, parent.foundation_probe_loss,
+                config.max_foundation_regression, "foundation probe loss vs the parent",
+            )
+        )
+    if foundation is not None and foundation.foundation_probe_loss is not None:
+        results.append(
+            _relative_regression_gate(
+                "foundation_drift", candidate.foundation_probe_loss, foundation.foundation_probe_loss,
+                config.max_foundation_drift, "foundation probe loss vs generation 0",
+            )
+        )
+    results.append(_golden_gate(candidate, config.min_golden_pass_rate))
+    results.append(_params_gate(candidate.params, parent.params, config.max_params_ratio))
+    results.append(_speed_gate(candidate.decode_tokens_per_s, parent.decode_tokens_per_s, config.min_decode_speed_ratio))
+    return results
+
+
+def promotion_decision(results: Sequence[GateResult], auto_promote: bool) -> Decision:
+    """Promote (or await approval) only if every gate passed; otherwise reject, naming the failures."""
+    if not results:
+        return Decision("reject", "no gates were evaluated: refuse to promote an unmeasured candidate")
+    failed = tuple(r.name for r in results if not r.passed)
+    if failed:
+        reasons = "; ".join(f"{r.name}: {r.reason}" for r in results if not r.passed)
+        return Decision("reject", f"{len(failed)} gate(s) failed: {reasons}", failed)
+    if auto_promote:
+        return Decision("promote", f"all {len(results)} gates passed")
+    return Decision("await_approval", f"all {len(results)} gates passed; promote it with `selftune promote`")
+
+
+def _relative_improvement_gate(name: str, candidate: float, parent: float, minimum: float, what: str) -> GateResult:
+    problem = _non_finite(candidate, parent, what)
+    if problem:
+        return GateResult(name, False, _value_or_none(candidate, parent), minimum, None, problem)
+    if parent <= 0.0:
+        return GateResult(name, False, None, minimum, None, f"parent's {what} is {parent}: nothing left to improve")
+    value = (parent - candidate) / parent
+    margin = value - minimum
+    verdict = "at least" if margin >= 0 else "below the required"
+    return GateResult(
+        name, margin >= 0, value, minimum, margin,
+        f"{what} {parent:.4f} -> {candidate:.4f}: {value:+.2%} improvement, {verdict} {minimum:.2%}",
+    )
+
+
+def _relative_regression_gate(
+    name: str, candidate: float | None, parent: float | None, maximum: float, what: str
+) -> GateResult:
+    if candidate is None or parent is None:
+        missing = "candidate" if candidate is None else "parent"
+        return GateResult(name, False, None, maximum, None, f"{what}: the {missing} was not measured on it")
+    problem = _non_finite(candidate, parent, what)
+    if problem:
+        return GateResult(name, False, _value_or_none(candidate, parent), maximum, None, problem)
+    if parent <= 0.0:
+        return GateResult(name, False, None, maximum, None, f"reference {what} is {parent}: cannot compare")
+    value = (candidate - parent) / parent
+    margin = maximum - value
+    verdict = "within" if margin >= 0 else "beyond"
+    return GateResult(
+        name, margin >= 0, value, maximum, margin,
+        f"{what} {parent:.4f} -> {candidate:.4f}: {value:+.2%}, {verdict} the allowed {maximum:.2%} regression",
+    )
+
+
+def _golden_gate(candidate: SuiteMetrics, minimum: float) -> GateResult:
+    rate = candidate.golden_pass_rate
+    if rate is None or candidate.golden_count == 0:
+        return GateResult("golden_prompts", True, None, minimum, None, "no golden prompts yet: not applicable")
+    if not math.isfinite(rate):
+        return GateResult("golden_prompts", False, rate, minimum, None, f"golden pass rate is {rate} (non-finite)")
+    margin = rate - minimum
+    return GateResult(
+        "golden_prompts", margin >= 0, rate, minimum, margin,
+        f"{rate:.0%} of {candidate.golden_count} golden prompts passed, {minimum:.0%} required",
+    )
+
+
+def _params_gate(candidate: int, parent: int, maximum: float) -> GateResult:
+    if parent <= 0 or candidate <= 0:
+        return GateResult("params_ratio", False, None, maximum, None, f"parameter counts {candidate} / {parent}: invalid")
+    ratio = candidate / parent
+    margin = maximum - ratio
+    return GateResult(
+        "params_ratio", margin >= 0, ratio, maximum, margin,
+        f"{candidate:,} / {parent:,} parameters = {ratio:.3f}, at most {maximum:.3f} allowed",
+    )
+
+
+def _speed_gate(candidate: float | None, parent: float | None, minimum: float) -> GateResult:
+    if candidate is None or parent is None:
+        if minimum <= 0.0:
+            return GateResult("decode_speed_ratio", True, None, minimum, None, "decode speed not measured: no budget set")
+        missing = "candidate" if candidate is None else "parent"
+        return GateResult(
+            "decode_speed_ratio", False, None, minimum, None, f"decode speed of the {missing} was not measured"
+        )
+    problem = _non_finite(candidate, parent, "decode tokens/s")
+    if problem:
+        return GateResult("decode_speed_ratio", False, _value_or_none(candidate, parent), minimum, None, problem)
+    if parent <= 0.0:
+        return GateResult("decode_speed_ratio", False, None, minimum, None, f"parent decode speed {parent}: invalid")
+    ratio = candidate / parent
+    margin = ratio - minimum
+    return GateResult(
+        "decode_speed_ratio", margin >= 0, ratio, minimum, margin,
+        f"decode {parent:.1f} -> {candidate:.1f} tokens/s = {ratio:.2f}x, at least {minimum:.2f}x required",
+    )
+
+
+def _non_finite(candidate: float, parent: float, what: str) -> str:
+    if not math.isfinite(candidate):
+        return f"candidate's {what} is {candidate} (non-finite): the model is broken"
+    if not math.isfinite(parent):
+        return f"reference {what} is {parent} (non-finite): cannot compare against it"
+    return ""
+
+
+def _value_or_none(candidate: float, parent: float) -> float | None:
+    """The non-finite number itself, so that the record shows what went wrong."""
+    return candidate if not math.isfinite(candidate) else parent
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _json_float(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None

@@ -1,0 +1,140 @@
+"""Regression gates: values, thresholds, signed margins, non-finite numbers, and the promotion decision."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from selftune.policies.gates import (
+    GateConfig,
+    GateResult,
+    SuiteMetrics,
+    evaluate_gates,
+    promotion_decision,
+)
+
+PARENT = SuiteMetrics(
+    new_data_loss=2.0,
+    params=1000,
+    experience_losses={"exp1": 1.0, "exp2": 3.0},
+    foundation_probe_loss=1.5,
+    decode_tokens_per_s=100.0,
+)
+CONFIG = GateConfig(min_new_data_improvement=0.1, max_experience_regression=0.05, max_foundation_regression=0.05,
+                    max_foundation_drift=0.2, min_golden_pass_rate=0.5, max_params_ratio=1.0,
+                    min_decode_speed_ratio=0.8)
+
+
+def candidate(**changes: object) -> SuiteMetrics:
+    fields = PARENT.to_dict() | {"golden_pass_rate": 1.0, "golden_count": 4, "new_data_loss": 1.5} | changes
+    return SuiteMetrics.from_dict(fields)
+
+
+def by_name(results: list[GateResult]) -> dict[str, GateResult]:
+    return {r.name: r for r in results}
+
+
+def test_a_good_candidate_passes_every_gate_with_positive_margins() -> None:
+    results = by_name(evaluate_gates(candidate(), PARENT, CONFIG))
+    assert set(results) == {
+        "new_data_improvement", "experience_regression[exp1]", "experience_regression[exp2]",
+        "foundation_regression", "golden_prompts", "params_ratio", "decode_speed_ratio",
+    }
+    assert all(r.passed for r in results.values())
+    improvement = results["new_data_improvement"]
+    assert improvement.value == pytest.approx(0.25) and improvement.threshold == 0.1
+    assert improvement.margin == pytest.approx(0.15)
+    assert results["experience_regression[exp1]"].margin == pytest.approx(0.05)  # value 0, room 5%
+    assert promotion_decision(list(results.values()), auto_promote=True).action == "promote"
+
+
+def test_margins_are_signed_for_min_and_max_gates() -> None:
+    worse = candidate(new_data_loss=1.9, experience_losses={"exp1": 1.1, "exp2": 3.0}, params=1200,
+                      decode_tokens_per_s=50.0, golden_pass_rate=0.25, foundation_probe_loss=1.5)
+    results = by_name(evaluate_gates(worse, PARENT, CONFIG))
+    # min gate: improvement 5% against 10% required -> margin -5%.
+    assert results["new_data_improvement"].value == pytest.approx(0.05)
+    assert results["new_data_improvement"].margin == pytest.approx(-0.05)
+    # max gate: +10% regression against 5% allowed -> margin -5%.
+    assert results["experience_regression[exp1]"].value == pytest.approx(0.1)
+    assert results["experience_regression[exp1]"].margin == pytest.approx(-0.05)
+    assert results["params_ratio"].margin == pytest.approx(-0.2)
+    assert results["decode_speed_ratio"].value == pytest.approx(0.5)
+    assert results["decode_speed_ratio"].margin == pytest.approx(-0.3)
+    assert results["golden_prompts"].margin == pytest.approx(-0.25)
+    for name in ("new_data_improvement", "experience_regression[exp1]", "params_ratio", "decode_speed_ratio",
+                 "golden_prompts"):
+        assert not results[name].passed, name
+    assert results["experience_regression[exp2]"].passed and results["foundation_regression"].passed
+    # Sign convention holds throughout: passed exactly when the margin is not negative.
+    assert all(r.passed == (r.margin >= 0) for r in results.values() if r.margin is not None)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_metrics_always_fail_with_a_reason(bad: float) -> None:
+    broken = candidate(new_data_loss=bad, experience_losses={"exp1": bad, "exp2": 3.0}, foundation_probe_loss=bad,
+                       decode_tokens_per_s=bad)
+    results = by_name(evaluate_gates(broken, PARENT, CONFIG))
+    for name in ("new_data_improvement", "experience_regression[exp1]", "foundation_regression", "decode_speed_ratio"):
+        assert not results[name].passed, name
+        assert "non-finite" in results[name].reason and results[name].margin is None
+    # -inf loss would look like a huge improvement if compared naively; it must still fail.
+    decision = promotion_decision(list(results.values()), auto_promote=True)
+    assert decision.action == "reject" and decision.status == "rejected"
+    assert "new_data_improvement" in decision.failed_gates and "non-finite" in decision.reason
+    # The record stays valid JSON (NaN is not JSON).
+    json.loads(json.dumps([r.to_dict() for r in results.values()], allow_nan=False))
+
+
+def test_a_non_finite_parent_fails_rather_than_passing_everything() -> None:
+    parent = SuiteMetrics.from_dict(PARENT.to_dict() | {"new_data_loss": math.nan})
+    (result,) = [r for r in evaluate_gates(candidate(), parent, CONFIG) if r.name == "new_data_improvement"]
+    assert not result.passed and "reference" in result.reason
+
+
+def test_a_missing_experience_fails() -> None:
+    partial = candidate(experience_losses={"exp1": 1.0})
+    results = by_name(evaluate_gates(partial, PARENT, CONFIG))
+    assert not results["experience_regression[exp2]"].passed
+    assert "candidate was not measured" in results["experience_regression[exp2]"].reason
+
+
+def test_foundation_drift_is_measured_against_generation_zero() -> None:
+    gen0 = SuiteMetrics(new_data_loss=3.0, params=1000, foundation_probe_loss=1.0)
+    results = by_name(evaluate_gates(candidate(foundation_probe_loss=1.5), PARENT, CONFIG, foundation=gen0))
+    assert results["foundation_regression"].passed  # no change vs the parent...
+    drift = results["foundation_drift"]  # ...but +50% since generation 0, beyond 20%.
+    assert not drift.passed and drift.value == pytest.approx(0.5) and drift.margin == pytest.approx(-0.3)
+
+
+def test_no_golden_prompts_is_not_applicable_and_unmeasured_speed_fails_when_budgeted() -> None:
+    results = by_name(evaluate_gates(candidate(golden_pass_rate=None, golden_count=0, decode_tokens_per_s=None),
+                                     PARENT, CONFIG))
+    assert results["golden_prompts"].passed and results["golden_prompts"].value is None
+    assert not results["decode_speed_ratio"].passed
+    no_budget = GateConfig(min_decode_speed_ratio=0.0)
+    (speed,) = [r for r in evaluate_gates(candidate(decode_tokens_per_s=None), PARENT, no_budget)
+                if r.name == "decode_speed_ratio"]
+    assert speed.passed
+
+
+def test_promotion_decision() -> None:
+    passing = [GateResult("a", True, 0.1, 0.0, 0.1, "ok"), GateResult("b", True, 1.0, 1.0, 0.0, "ok")]
+    assert promotion_decision(passing, auto_promote=True).status == "promoted"
+    manual = promotion_decision(passing, auto_promote=False)
+    assert manual.action == "await_approval" and manual.status == "candidate"
+    failing = [*passing, GateResult("c", False, 2.0, 1.0, -1.0, "too big")]
+    decision = promotion_decision(failing, auto_promote=True)
+    assert decision.action == "reject" and decision.failed_gates == ("c",) and "c: too big" in decision.reason
+    assert promotion_decision([], auto_promote=True).action == "reject"
+
+
+def test_suite_metrics_round_trip_and_config_problems() -> None:
+    metrics = candidate()
+    assert SuiteMetrics.from_dict(json.loads(json.dumps(metrics.to_dict()))) == metrics
+    assert GateConfig().problems() == []
+    problems = GateConfig(min_golden_pass_rate=2.0, max_params_ratio=0.0, max_experience_regression=-1.0,
+                          min_new_data_improvement=math.nan).problems()
+    assert len(problems) == 4
