@@ -5,7 +5,12 @@ Every problem (unknown section or key, wrong type, bad value) is collected and r
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
+import math
 import os
+import textwrap
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -18,7 +23,6 @@ from selftune.policies.errors import ConfigError
 
 CONFIG_FILE = "selftune.toml"
 ENV_PREFIX = "SELFTUNE_"
-TEMPLATE = Path(__file__).with_name(CONFIG_FILE)
 
 
 def resolve_state_dir(option: str | None = None, env: Mapping[str, str] = os.environ) -> Path:
@@ -113,5 +117,41 @@ def _type_problem(value: Any, expected: Any) -> str | None:
 
 
 def default_config_text() -> str:
-    """The commented default configuration, as ``selftune init`` writes it."""
-    return TEMPLATE.read_text(encoding="utf-8")
+    """The default configuration as ``selftune init`` writes it: every setting, commented with its docstring.
+
+    Rendered from the dataclasses themselves, so the file and the code cannot drift apart.
+    """
+    parts = [HEADER]
+    for name, cls in SECTIONS.items():
+        docs = _field_docs(cls)
+        parts.append(f"\n[{name}]")
+        for f in fields(cls):
+            parts += [f"# {line}".rstrip() for line in textwrap.wrap(" ".join(docs.get(f.name, "").split()), 96)]
+            parts.append(f"{f.name} = {_toml_value(getattr(cls(), f.name))}")
+    return "\n".join(parts) + "\n"
+
+
+HEADER = """\
+# selftune configuration. Every setting is shown at its default; change what you need.
+# Any setting can be overridden from the environment: SELFTUNE_<SECTION>__<KEY>, e.g. SELFTUNE_SERVER__PORT=9000."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its documentation, by our convention)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = after.value.value
+    return docs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)

@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
+from .gates import GateConfig
+from .pruning import AdapterTrimConfig, PruningConfig
+from .selection import SelectionConfig
+from .training import EwcConfig, ReplayConfig, TrainConfig
 
 BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -78,11 +82,70 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    enabled: bool = True
+    """Start cycles by themselves (in `selftune serve`). False: only `selftune cycle` or the API start them."""
+    cron: str = ""
+    """A crontab expression (UTC) on which every branch runs a cycle, e.g. "0 3 * * *"; empty: none."""
+    interval_minutes: int = 0
+    """Run a cycle on every branch every this many minutes; 0: none."""
+    min_new_interactions: int = 200
+    """Start a branch's cycle once it has this many interactions newer than its last cycle; 0: off."""
+    check_seconds: int = 30
+    """How often the new-interaction count is looked at."""
+    misfire_grace_seconds: int = 3600
+    """A scheduled cycle missed while the service was down still runs if it is at most this late."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.cron and len(self.cron.split()) != 5:
+            out.append(f"schedule.cron = {self.cron!r}: use five fields (minute hour day month weekday), e.g. \"0 3 * * *\"")
+        for name in ("interval_minutes", "min_new_interactions"):
+            if getattr(self, name) < 0:
+                out.append(f"schedule.{name} = {getattr(self, name)}: use 0 (off) or a positive number")
+        for name in ("check_seconds", "misfire_grace_seconds"):
+            if getattr(self, name) < 1:
+                out.append(f"schedule.{name} = {getattr(self, name)}: use a positive number of seconds")
+        return out
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    auto_promote: bool = True
+    """Promote a candidate that passes every gate at once; False: it waits for `selftune promote GEN`."""
+    nice: int = 10
+    """Niceness of the cycle's worker process, so that serving and ingest stay responsive."""
+    sample_answers: int = 4
+    """Held-out prompts answered by parent and child, side by side, in the report."""
+    max_eval_rows: int = 64
+    """Most held-out rows per evaluation suite (keeps evaluation time bounded)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 <= self.nice <= 19:
+            out.append(f"cycle.nice = {self.nice}: use a niceness from 0 to 19")
+        if self.sample_answers < 0:
+            out.append(f"cycle.sample_answers = {self.sample_answers}: use 0 or more")
+        if self.max_eval_rows < 1:
+            out.append(f"cycle.max_eval_rows = {self.max_eval_rows}: use a positive count")
+        return out
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+    trim: AdapterTrimConfig = field(default_factory=AdapterTrimConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         problems = [p for f in fields(self) for p in getattr(self, f.name).problems()]
