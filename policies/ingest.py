@@ -10,7 +10,8 @@ fields are kept in ``metadata``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRecordError
@@ -21,6 +22,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 COMMON_KEYS = {"id", "external_id", "domain", "tags", "feedback"}
 FORMAT_KEYS = {"openai": {"messages"}, "sharegpt": {"conversations"}, "prompt": {"prompt", "response", "system"}}
+KNOWN_KEYS = {fmt: frozenset(COMMON_KEYS | keys) for fmt, keys in FORMAT_KEYS.items()}
 MAX_ID_CHARS = 256
 MAX_LABEL_CHARS = 64
 
@@ -33,6 +35,8 @@ class RowDefaults:
     domain: str | None = None
     source: str = "ingest"
     max_message_chars: int = 200_000
+    routes: Mapping[str, str] = field(default_factory=dict)
+    """Domain -> branch: a row of a routed domain goes to that branch instead of ``branch``."""
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -58,16 +62,17 @@ def parse_row(row: Any, fmt: str = "auto", defaults: RowDefaults = RowDefaults()
     fmt = detect_format(row) if fmt == "auto" else fmt
     messages = _MESSAGE_READERS[fmt](row)
     _check_messages(messages, defaults.max_message_chars)
-    extra_keys = set(row) - COMMON_KEYS - FORMAT_KEYS[fmt]
+    extra_keys = row.keys() - KNOWN_KEYS[fmt]
+    domain = _label(row.get("domain", defaults.domain), "domain")
     return InteractionIn(
         messages=messages,
-        branch=defaults.branch,
-        domain=_label(row.get("domain", defaults.domain), "domain"),
-        tags=_tags(row.get("tags", [])),
+        branch=defaults.routes.get(domain, defaults.branch) if domain else defaults.branch,
+        domain=domain,
+        tags=_tags(row["tags"]) if "tags" in row else (),
         external_id=_external_id(row.get("id", row.get("external_id"))),
         source=defaults.source,
         feedback=parse_feedback(row["feedback"]) if row.get("feedback") is not None else (),
-        metadata={k: row[k] for k in sorted(extra_keys)},
+        metadata={k: row[k] for k in sorted(extra_keys)} if extra_keys else {},
     )
 
 

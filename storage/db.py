@@ -94,6 +94,9 @@ def migrate(engine: Engine) -> str:
     Runs in one transaction (``BEGIN IMMEDIATE`` on SQLite), so two processes that start together
     migrate one after the other, and a failed migration leaves nothing half done.
     """
+    head = head_revision()
+    if current_revision(engine) == head:  # the common case, without Alembic's upgrade machinery
+        return head
     from alembic import command
 
     config = alembic_config(engine)

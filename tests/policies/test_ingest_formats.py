@@ -68,3 +68,10 @@ def test_overlong_message_names_the_setting() -> None:
 def test_forced_format_rejects_other_shapes() -> None:
     with pytest.raises(InvalidRecordError, match="'messages' must be a list"):
         parse_row({"prompt": "p", "response": "r"}, fmt="openai")
+
+
+def test_routed_domains_go_to_their_branch() -> None:
+    defaults = RowDefaults(branch="main", routes={"hacker_jargon": "jargon"})
+    assert parse_row({"prompt": "p", "response": "r", "domain": "hacker_jargon"}, defaults=defaults).branch == "jargon"
+    assert parse_row({"prompt": "p", "response": "r", "domain": "python"}, defaults=defaults).branch == "main"
+    assert parse_row({"prompt": "p", "response": "r"}, defaults=defaults).branch == "main"
