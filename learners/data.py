@@ -1,0 +1,178 @@
+"""Interactions to tensors: the model's own chat template, loss on assistant tokens only, padded batches.
+
+A row is a plain dict: ``{"id": ..., "messages": [{"role", "content"}, ...]}`` (or ``{"prompt",
+"response"}``), optionally with ``"experience"`` and ``"priority"`` for replay rows. Interactions from
+``selftune.policies.records`` convert with ``rows_from_interactions``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftune.policies.records import Interaction
+
+from .jobs import interaction_row
+
+IGNORE_INDEX = -100
+"""Label of a token that carries no loss (prompt, template, padding)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenised conversation: labels are the input ids on assistant tokens and -100 elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+    row_id: Any = None
+    experience: int = 0
+    priority: float = 0.0
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def rows_from_interactions(interactions: Iterable[Interaction], experience: int = 0) -> list[dict[str, Any]]:
+    """Plain rows from stored interactions (the learner never sees the database)."""
+    return [interaction_row(it, experience) for it in interactions]
+
+
+def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The conversation of a row: its ``messages``, or a user/assistant pair from ``prompt``/``response``."""
+    if "messages" in row:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+    if "prompt" in row and "response" in row:
+        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["response"])}]
+    raise ValueError(f"row {row.get('id', '?')!r} has neither 'messages' nor 'prompt'+'response': {sorted(row)}")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (one JSON object a line)."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn token included).
+
+    Each turn's span starts where the template's generation prompt for it ends and stops where the
+    template's rendering of that turn ends, trailing whitespace excluded: exactly what the model must
+    produce when it answers.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: use an instruct model's tokenizer (with chat_template)")
+    render = tokenizer.apply_chat_template
+    full = render(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        turn = render(messages[: i + 1], tokenize=False)
+        if full.startswith(turn) and turn.startswith(prompt):
+            start, end = len(prompt), len(turn.rstrip())
+        else:  # a template that rewrites earlier turns: locate the answer text itself
+            start = full.rfind(message["content"])
+            end = start + len(message["content"])
+            if start < 0:
+                continue
+            eos = getattr(tokenizer, "eos_token", None)
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+    return full, spans
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 outside assistant turns), cut to ``max_length`` tokens."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])[:max_length]
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (a, b) in enumerate(enc["offset_mapping"][: len(ids)]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[k] = ids[k]
+    return ids, labels
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> tuple[list[Encoded], int]:
+    """Encode rows; those left without an assistant token (none, or cut by ``max_length``) are dropped.
+
+    Returns the encoded rows and how many were dropped.
+    """
+    out, dropped = [], 0
+    for row in rows:
+        ids, labels = encode(tokenizer, row_messages(row), max_length)
+        item = Encoded(ids, labels, row.get("id"), int(row.get("experience", 0)), float(row.get("priority", 0.0)))
+        if item.target_tokens == 0:
+            dropped += 1
+            continue
+        out.append(item)
+    return out, dropped
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Encoded rows as dict items, the form Avalanche datasets and our collate exchange."""
+
+    def __init__(self, items: Sequence[Encoded], replay: bool = False) -> None:
+        self.items = list(items)
+        self.replay = replay
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        return {
+            "input_ids": item.input_ids,
+            "labels": item.labels,
+            "id": item.row_id,
+            "experience": item.experience,
+            "priority": item.priority,
+            "replay": self.replay,
+        }
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a list of dict items into a batch; padding gets label -100 and attention 0."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for k, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[k, :n] = torch.as_tensor(it["input_ids"])
+            labels[k, :n] = torch.as_tensor(it["labels"])
+            mask[k, :n] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "replay": torch.tensor([bool(it.get("replay", False)) for it in items]),
+            "ids": [it.get("id") for it in items],
+        }
+
+    return collate
+
+
+def batches(items: Sequence[Encoded], batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
+    """Padded batches in length order (for evaluation and Fisher estimation: little padding, fixed order)."""
+    collate = pad_collate(pad_id)
+    dataset = EncodedDataset(items)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    for k in range(0, len(order), batch_size):
+        yield collate([dataset[i] for i in order[k : k + batch_size]])

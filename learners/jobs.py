@@ -1,0 +1,260 @@
+"""The training job as a working directory, and a handle to run it in a child process.
+
+Light on purpose (stdlib and ``policies`` only; no torch): the daemon imports this to write a job, start
+the worker, read its progress and stop it. The worker is ``python -m selftune.learners.train WORKDIR``.
+
+A working directory holds:
+
+* ``job.json`` (in): base model directory, experience number, the train/replay/ewc configs, the running
+  Fisher of earlier generations (optional), and the names of the data files below.
+* ``train.jsonl`` / ``replay.jsonl`` (in): rows ``{"id", "messages": [{"role", "content"}], "experience",
+  "priority"}`` (``prompt``/``response`` rows work too); replay rows are the buffer's current members.
+* ``progress.jsonl`` (out): one line per step (step, loss, ewc_penalty, tokens, tokens_per_s, lr, ...).
+* ``checkpoint/state.pt`` (out): adapter, optimizer, RNG, step, written atomically every
+  ``checkpoint_every`` steps and on SIGTERM. Rerunning the command resumes from it.
+* ``adapter/``, ``fisher.safetensors``, ``result.json`` (out, at the end); ``failed.json`` if it failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selftune.policies.records import Interaction
+from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig, check, from_dict, to_dict
+
+JOB_FILE = "job.json"
+TRAIN_FILE = "train.jsonl"
+REPLAY_FILE = "replay.jsonl"
+PROGRESS_FILE = "progress.jsonl"
+RESULT_FILE = "result.json"
+FAILED_FILE = "failed.json"
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"
+FISHER_FILE = "fisher.safetensors"
+LOG_FILE = "train.log"
+EXIT_STOPPED = 143
+"""Exit status of a worker stopped by SIGTERM after writing its checkpoint (128 + SIGTERM): resumable."""
+
+
+@dataclass(frozen=True)
+class Job:
+    base_model: str
+    """The parent generation: a transformers causal-LM directory (with its tokenizer)."""
+    experience: int = 0
+    """This cycle's experience number (replay groups and buffer membership are keyed by it)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+    fisher_in: str | None = None
+    """The running Fisher of earlier generations (``fisher.safetensors`` of the parent), or None."""
+    train_file: str = TRAIN_FILE
+    replay_file: str = REPLAY_FILE
+
+
+def interaction_row(interaction: Interaction, experience: int = 0, priority: float = 0.0) -> dict[str, Any]:
+    """A plain row from a stored interaction (the learner never sees the database)."""
+    return {
+        "id": interaction.id,
+        "messages": [{"role": m.role, "content": m.content} for m in interaction.messages],
+        "experience": experience,
+        "priority": priority,
+    }
+
+
+def write_job(
+    workdir: str | Path,
+    *,
+    base_model: str | Path,
+    train_rows: Iterable[dict[str, Any] | Interaction],
+    replay_rows: Iterable[dict[str, Any] | Interaction] = (),
+    experience: int = 0,
+    train: TrainConfig | None = None,
+    replay: ReplayConfig | None = None,
+    ewc: EwcConfig | None = None,
+    fisher_in: str | Path | None = None,
+) -> Path:
+    """Create a job directory (configs checked first: one error listing every problem)."""
+    job = Job(
+        base_model=str(base_model),
+        experience=experience,
+        train=train or TrainConfig(),
+        replay=replay or ReplayConfig(),
+        ewc=ewc or EwcConfig(),
+        fisher_in=str(fisher_in) if fisher_in else None,
+    )
+    check(job.train, job.replay, job.ewc)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_rows(workdir / job.train_file, (_row(r, experience) for r in train_rows))
+    _write_rows(workdir / job.replay_file, (_row(r, 0) for r in replay_rows))
+    doc = {
+        "base_model": job.base_model,
+        "experience": job.experience,
+        "fisher_in": job.fisher_in,
+        "train_file": job.train_file,
+        "replay_file": job.replay_file,
+        "train": to_dict(job.train),
+        "replay": to_dict(job.replay),
+        "ewc": to_dict(job.ewc),
+    }
+    _atomic_write(workdir / JOB_FILE, json.dumps(doc, indent=2))
+    return workdir
+
+
+def read_job(workdir: str | Path) -> Job:
+    path = Path(workdir) / JOB_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: write the job with selftune.learners.jobs.write_job first")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    job = Job(
+        base_model=doc["base_model"],
+        experience=int(doc.get("experience", 0)),
+        train=from_dict(TrainConfig, doc.get("train", {})),
+        replay=from_dict(ReplayConfig, doc.get("replay", {})),
+        ewc=from_dict(EwcConfig, doc.get("ewc", {})),
+        fisher_in=doc.get("fisher_in"),
+        train_file=doc.get("train_file", TRAIN_FILE),
+        replay_file=doc.get("replay_file", REPLAY_FILE),
+    )
+    check(job.train, job.replay, job.ewc)
+    return job
+
+
+def job_fingerprint(workdir: str | Path) -> str:
+    """What a checkpoint must match to be resumed: the job and its data files, byte for byte."""
+    workdir = Path(workdir)
+    job = read_job(workdir)
+    digest = hashlib.sha256()
+    for name in (JOB_FILE, job.train_file, job.replay_file):
+        path = workdir / name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"")
+    if job.fisher_in and Path(job.fisher_in).exists():
+        stat = Path(job.fisher_in).stat()
+        digest.update(f"{job.fisher_in}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def read_progress(workdir: str | Path) -> list[dict[str, Any]]:
+    """The progress lines written so far (a line being written is skipped)."""
+    path = Path(workdir) / PROGRESS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def read_result(workdir: str | Path) -> dict[str, Any] | None:
+    path = Path(workdir) / RESULT_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_failure(workdir: str | Path) -> dict[str, Any] | None:
+    path = Path(workdir) / FAILED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+class TrainingRun:
+    """A training worker in a child process: watch it (``progress``), stop it (``stop``), get its result."""
+
+    def __init__(self, workdir: Path, process: subprocess.Popen) -> None:
+        self.workdir = workdir
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def progress(self) -> list[dict[str, Any]]:
+        return read_progress(self.workdir)
+
+    def last_progress(self) -> dict[str, Any] | None:
+        lines = self.progress()
+        return lines[-1] if lines else None
+
+    def result(self) -> dict[str, Any] | None:
+        return read_result(self.workdir)
+
+    def failure(self) -> dict[str, Any] | None:
+        return read_failure(self.workdir)
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM: the worker checkpoints after its current step and exits with ``EXIT_STOPPED``.
+
+        If it has not exited after ``timeout`` seconds it is killed (the last periodic checkpoint remains).
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_training(workdir: str | Path, *, python: str | None = None, env: dict[str, str] | None = None) -> TrainingRun:
+    """Start ``python -m selftune.learners.train WORKDIR`` in its own session; output goes to train.log.
+
+    Starting it again on the same directory after a crash, a kill or a stop resumes from the checkpoint.
+    """
+    workdir = Path(workdir).resolve()
+    read_job(workdir)  # fail here, in the caller, on a missing or invalid job
+    log = open(workdir / LOG_FILE, "ab")
+    try:
+        process = subprocess.Popen(
+            [python or sys.executable, "-m", "selftune.learners.train", str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(workdir),
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    return TrainingRun(workdir, process)
+
+
+def _row(row: dict[str, Any] | Interaction, experience: int) -> dict[str, Any]:
+    if isinstance(row, Interaction):
+        return interaction_row(row, experience)
+    out = dict(row)
+    out.setdefault("experience", experience)
+    return out
+
+
+def _write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    _atomic_write(path, json.dumps(doc, indent=2))

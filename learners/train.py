@@ -1,0 +1,282 @@
+"""The training worker: ``python -m selftune.learners.train WORKDIR`` (see ``jobs`` for the directory).
+
+Reads like a recipe: setup (job, data, model, adapter, resume), train (one Avalanche experience with
+replay and EWC), finish (replay buffer, Fisher, adapter, result). SIGTERM checkpoints after the current
+step and exits with ``EXIT_STOPPED``; a rerun resumes from the last checkpoint, bit-for-bit on the same
+machine and thread count, because batches, learning rate and RNG are all functions of the seed and step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from selftune.policies.replay import fisher_sample
+
+from . import jobs
+from .data import encode_rows, read_rows
+from .fisher import EwcPenalty, estimate_fisher, fold_fisher, load_fisher, save_fisher
+from .lm import attach_lora, load_base, load_tokenizer, pick_device, set_threads, trainable_parameters
+
+
+def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run (or resume, or just return the result of) the job in ``workdir``; returns ``result.json``."""
+    from .strategy import (  # Avalanche is imported here, in the worker only
+        CausalLMStrategy,
+        CheckpointPlugin,
+        EwcLoraPlugin,
+        ExperienceDiversityBuffer,
+        KCenterSelection,
+        PlannedReplayPlugin,
+        ProgressPlugin,
+        Stopped,
+        buffer_members,
+        make_dataset,
+        make_experience,
+        reservoir_buffer,
+    )
+
+    workdir = Path(workdir)
+    done = jobs.read_result(workdir)
+    if done is not None:
+        return done
+    job = jobs.read_job(workdir)
+    (workdir / jobs.FAILED_FILE).unlink(missing_ok=True)
+    cfg, replay_cfg, ewc_cfg = job.train, job.replay, job.ewc
+    started = time.perf_counter()
+
+    # ---- setup
+    set_threads(cfg.threads)
+    device = pick_device()
+    tokenizer = load_tokenizer(job.base_model)
+    pad_id = tokenizer.pad_token_id
+    new_rows = [{**r, "experience": job.experience} for r in read_rows(workdir / job.train_file)]
+    replay_path = workdir / job.replay_file
+    replay_rows = read_rows(replay_path) if replay_path.exists() else []
+    new_items, dropped = encode_rows(tokenizer, new_rows, cfg.max_length)
+    replay_items, replay_dropped = encode_rows(tokenizer, replay_rows, cfg.max_length)
+    if not new_items:
+        raise ValueError(
+            f"{workdir / job.train_file}: none of its {len(new_rows)} rows has an assistant turn within "
+            f"max_length={cfg.max_length} tokens; add rows or raise train.max_length"
+        )
+
+    model = attach_lora(load_base(job.base_model, base_dtype=cfg.base_dtype, device=device), cfg)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    fisher_in = load_fisher(Path(job.fisher_in)).to(ewc_cfg.representation) if job.fisher_in else None
+    penalty = EwcPenalty(model, fisher_in, ewc_cfg.strength) if fisher_in is not None and ewc_cfg.enabled else None
+
+    fingerprint = jobs.job_fingerprint(workdir)
+    history: list[dict[str, Any]] = []
+    start_step = _resume(workdir, fingerprint, params, optimizer, history)
+
+    def save(strategy: CausalLMStrategy) -> None:
+        _save_checkpoint(workdir, strategy.step, cfg.steps, params, optimizer, history, fingerprint)
+
+    plugins: list[Any] = [
+        ProgressPlugin(workdir / jobs.PROGRESS_FILE, cfg.progress_every, history),
+        CheckpointPlugin(save, cfg.checkpoint_every, stop_requested),
+    ]
+    if penalty is not None:
+        plugins.append(EwcLoraPlugin(penalty))
+    policy = None
+    if replay_cfg.buffer_size > 0:
+        if replay_cfg.selection == "reservoir":
+            policy = reservoir_buffer(replay_cfg.buffer_size, replay_items, pad_id)
+        else:
+            policy = ExperienceDiversityBuffer(replay_cfg.buffer_size, KCenterSelection(pad_id, cfg.bf16_autocast))
+            policy.restore(replay_items, pad_id)
+        plugins.append(PlannedReplayPlugin(policy, cfg.seed + job.experience))
+
+    # ---- train: one experience
+    strategy = CausalLMStrategy(
+        model=model,
+        optimizer=optimizer,
+        train_cfg=cfg,
+        replay_cfg=replay_cfg,
+        pad_id=pad_id,
+        start_step=start_step,
+        device=device,
+        plugins=plugins,
+    )
+    experience = make_experience(make_dataset(new_items, pad_id), job.experience)
+    train_started = time.perf_counter()
+    strategy.train(experience, eval_streams=[])
+    train_seconds = time.perf_counter() - train_started
+    periodic = cfg.checkpoint_every and strategy.step % cfg.checkpoint_every == 0
+    if stop_requested() or (strategy.step > start_step and not periodic):
+        save(strategy)  # a kill during the finish below then resumes here, without redoing steps
+    if stop_requested():
+        raise Stopped(f"stopped after training step {strategy.step}; rerun the job to finish")
+
+    # ---- finish: Fisher of this generation folded into the running one, adapter, result
+    fisher_seconds, fisher_meta = 0.0, None
+    if ewc_cfg.fisher_examples > 0:
+        t = time.perf_counter()
+        sample = [new_items[i] for i in fisher_sample(len(new_items), ewc_cfg.fisher_examples, cfg.seed)]
+        fisher_new = estimate_fisher(
+            model,
+            sample,
+            target_modules=cfg.target_modules,
+            pad_id=pad_id,
+            batch_size=ewc_cfg.fisher_batch_size,
+            representation=ewc_cfg.representation,
+            bf16=cfg.bf16_autocast,
+        )
+        folded = fold_fisher(fisher_in, fisher_new, ewc_cfg.gamma)
+        save_fisher(folded, workdir / jobs.FISHER_FILE)
+        fisher_seconds, fisher_meta = time.perf_counter() - t, folded.meta
+    _save_adapter(model, workdir / jobs.ADAPTER_DIR)
+
+    steps_run = [h for h in history if h["step"] > start_step]
+    tokens = sum(h["tokens"] for h in history)
+    step_seconds = sum(h["step_s"] for h in history)
+    result = {
+        "steps": strategy.step,
+        "resumed_from_step": start_step or None,
+        "experience": job.experience,
+        "examples": len(new_items),
+        "examples_dropped_too_long": dropped,
+        "replay_examples": len(replay_items),
+        "replay_dropped_too_long": replay_dropped,
+        "tokens": tokens,
+        "target_tokens": sum(h["target_tokens"] for h in history),
+        "padding_share": round(1 - tokens / max(sum(h["padded_tokens"] for h in history), 1), 4),
+        "replayed_sequences": sum(h["replayed"] for h in history),
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "loss_last10_mean": _mean([h["loss"] for h in history[-10:]]),
+        "ewc_penalty_last": history[-1]["ewc_penalty"] if history else None,
+        "tokens_per_s": round(tokens / step_seconds, 1) if step_seconds else None,
+        "step_s_median": _median([h["step_s"] for h in history]),
+        "train_seconds_this_run": round(train_seconds, 2),
+        "steps_this_run": len(steps_run),
+        "fisher_seconds": round(fisher_seconds, 2),
+        "fisher": jobs.FISHER_FILE if fisher_meta is not None else None,
+        "fisher_representation": ewc_cfg.representation if fisher_meta is not None else None,
+        "fisher_meta": fisher_meta,
+        "ewc_applied": penalty is not None,
+        "adapter": jobs.ADAPTER_DIR,
+        "replay_buffer": buffer_members(policy) if policy is not None else [],
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_this_run": round(time.perf_counter() - started, 2),
+    }
+    jobs.atomic_write_json(workdir / jobs.RESULT_FILE, result)
+    return result
+
+
+def _resume(workdir: Path, fingerprint: str, params: list, optimizer: torch.optim.Optimizer, history: list) -> int:
+    """Load the checkpoint if there is one for this very job; returns the step to continue from."""
+    path = workdir / jobs.CHECKPOINT_DIR / "state.pt"
+    progress = workdir / jobs.PROGRESS_FILE
+    if not path.exists():
+        progress.unlink(missing_ok=True)
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path} belongs to another job (job.json or its data changed since it was written); "
+            f"delete {path.parent} to start this job from scratch"
+        )
+    with torch.no_grad():
+        for name, p in params:
+            p.copy_(state["adapter"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    history.extend(json.loads(state["history"]))
+    step = int(state["step"])
+    # progress lines written after the checkpoint by the interrupted run will be written again
+    kept = [json.dumps(line) for line in jobs.read_progress(workdir) if line["step"] <= step]
+    jobs._atomic_write(progress, "".join(k + "\n" for k in kept))
+    return step
+
+
+def _save_checkpoint(
+    workdir: Path, step: int, steps: int, params: list, optimizer: torch.optim.Optimizer, history: list, fingerprint: str
+) -> None:
+    directory = workdir / jobs.CHECKPOINT_DIR
+    directory.mkdir(exist_ok=True)
+    state = {
+        "step": step,
+        "adapter": {name: p.detach().cpu().clone() for name, p in params},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": json.dumps(history),
+        "fingerprint": fingerprint,
+    }
+    tmp = directory / "state.pt.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / "state.pt")
+    jobs.atomic_write_json(directory / "state.json", {"step": step, "steps": steps})
+
+
+def _save_adapter(model: Any, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m selftune.learners.train WORKDIR", file=sys.stderr)
+        return 2
+    workdir = Path(args[0])
+    stop = {"requested": False}
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    from .strategy import Stopped
+
+    try:
+        result = run_job(workdir, stop_requested=lambda: stop["requested"])
+    except Stopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return jobs.EXIT_STOPPED
+    except BaseException as error:  # recorded for the daemon, then re-raised as a failing exit
+        jobs.atomic_write_json(
+            workdir / jobs.FAILED_FILE,
+            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+        )
+        traceback.print_exc()
+        return 1
+    print(json.dumps({k: result[k] for k in ("steps", "loss_last", "tokens_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
