@@ -109,7 +109,7 @@ def _message(item: Any, index: int, role_key: str, content_key: str, role_map: d
         raise InvalidRecordError(f"message {index} must be an object, got {_kind(item)}")
     role, content = item.get(role_key), item.get(content_key)
     known = role_map or {r: r for r in ROLES}
-    if role not in known:
+    if not isinstance(role, str) or role not in known:
         raise InvalidRecordError(f"message {index}: {role_key} {role!r} is not one of {', '.join(sorted(known))}")
     if not isinstance(content, str):
         raise InvalidRecordError(f"message {index}: '{content_key}' must be a string, got {_kind(content)}")

@@ -48,6 +48,7 @@ def test_dedupe_key_falls_back_to_content_hash() -> None:
     ({"messages": [{"role": "user", "content": "q"}]}, "last message must be a non-empty assistant"),
     ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "'robot'"),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "no user message"),
+    ({"conversations": [{"from": [], "value": "q"}, {"from": "gpt", "value": "a"}]}, "from [] is not one of"),
     ({"prompt": "p", "response": "r", "feedback": "meh"}, "feedback 'meh'"),
     ({"prompt": "p", "response": "r", "feedback": {"score": float("nan")}}, "finite number"),
     ({"prompt": "p", "response": "r", "feedback": {"chosen": "a"}}, "'rejected' must be a non-empty string"),
