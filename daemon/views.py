@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
+
+from selftune.policies.records import Feedback, Interaction
 
 from .context import Context
 
@@ -34,3 +37,66 @@ def status_view(context: Context) -> dict[str, Any]:
         "aliases": [{"branch": a.branch, "name": a.name, "generation": a.generation_id} for a in aliases],
     }
 
+
+
+def cycle_view(context: Context, cycle_id: int) -> dict[str, Any]:
+    """A cycle as ``{"cycle", "branch", "generation", "status", "state", "gates", "error", "steps", "progress"}``.
+
+    ``status`` is the outcome ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
+    or "running"; ``gates`` are ``{"name", "passed", "value", "threshold", "margin", "reason"}``.
+    """
+    from .cycle import cycle_dir
+
+    with context.store.transaction(read_only=True) as tx:
+        cycle = tx.cycles.get(cycle_id)
+        events = tx.cycles.events(cycle_id)
+    directory = cycle_dir(context, cycle_id)
+    gates: list[dict[str, Any]] = []
+    if (directory / "gate.json").exists():
+        gates = json.loads((directory / "gate.json").read_text())["gates"]
+    for event in events:  # a candidate refused before the gates (e.g. non-finite weights) records its gate here
+        gates = gates or event.detail.get("gates", [])
+    progress = directory / "progress.json"
+    return {
+        "cycle": cycle.id,
+        "branch": cycle.branch,
+        "parent": cycle.parent_generation_id,
+        "generation": cycle.generation_id,
+        "status": cycle.outcome or "running",
+        "state": cycle.state,
+        "error": cycle.error,
+        "gates": gates,
+        "steps": [{"step": e.step, "outcome": e.outcome, "started_at": e.started_at.isoformat(),
+                   "finished_at": e.finished_at.isoformat() if e.finished_at else None, "detail": e.detail}
+                  for e in events],
+        "progress": json.loads(progress.read_text()) if progress.exists() and cycle.outcome is None else None,
+    }
+
+
+# -- records as JSON-ready dicts (the HTTP API answers with these) ---------------------------------------
+
+
+def _time(value: Any) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def feedback_view(item: Feedback) -> dict[str, Any]:
+    fields = ("thumbs_up", "score", "corrected_response", "chosen", "rejected", "comment")
+    return {"id": item.id, "interaction_id": item.interaction_id, "kind": item.kind,
+            "created_at": _time(item.created_at), **{f: getattr(item, f) for f in fields if getattr(item, f) is not None}}
+
+
+def interaction_view(item: Interaction, feedback: list[Feedback] | None = None) -> dict[str, Any]:
+    return {"id": item.id, "external_id": item.external_id, "branch": item.branch, "domain": item.domain,
+            "tags": list(item.tags), "messages": [{"role": m.role, "content": m.content} for m in item.messages],
+            "created_at": _time(item.created_at), "source": item.source, "metadata": item.metadata,
+            "feedback": [feedback_view(f) for f in feedback or []]}
+
+
+def generation_detail(context: Context, generation_id: int) -> dict[str, Any]:
+    """One generation as in ``generations_view``, plus its metrics, creation time and cycle."""
+    with context.store.transaction(read_only=True) as tx:
+        generation = tx.generations.get(generation_id)
+    row = next(r for r in generations_view(context) if r["id"] == generation_id)
+    return {**row, "cycle": generation.cycle_id, "created_at": _time(generation.created_at),
+            "metrics": generation.metrics}

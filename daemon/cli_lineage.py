@@ -1,0 +1,130 @@
+"""CLI commands of the lineage: cycle, promote, rollback, branch."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from .cli import JsonOption, _context, console
+
+branch_app = typer.Typer(help="Branches: specialised lines of generations.", no_args_is_help=True)
+FINAL = ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
+
+
+def cycle(ctx: typer.Context,
+          branch: Annotated[str, typer.Option(help="Branch to run the cycle on.")] = "main",
+          wait: Annotated[bool, typer.Option("--wait", help="Wait for the cycle to finish, showing its progress.")] = False,
+          as_json: JsonOption = False) -> None:
+    """Run one cycle on a branch: train on its new interactions and gate a new generation."""
+    from .cycle import resume_cycles, running_cycle, start_cycle
+    from .views import cycle_view
+
+    context = _context(ctx)
+    unfinished = running_cycle(context)
+    if unfinished is not None and unfinished.branch == branch:
+        resume_cycles(context)  # a cycle interrupted by a crash goes on where it stopped
+        cycle_id = unfinished.id
+    else:
+        cycle_id = start_cycle(context, branch, trigger="cli").id
+    if not wait:
+        view = cycle_view(context, cycle_id)
+        print(json.dumps(view)) if as_json else console.print(f"cycle {cycle_id} started on branch {branch}")
+        return
+    view = _wait(context, cycle_id, show=not as_json)
+    if as_json:
+        print(json.dumps({"cycle": view["cycle"], "generation": view["generation"], "status": view["status"],
+                          "gates": view["gates"], "error": view["error"]}))
+    else:
+        _print_cycle(view)
+    if view["status"] in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+def _wait(context: Any, cycle_id: int, show: bool) -> dict[str, Any]:
+    from .views import cycle_view
+
+    with Live(console=console, transient=True, auto_refresh=False, redirect_stderr=False) as live:
+        while (view := cycle_view(context, cycle_id))["status"] not in FINAL:
+            if show:
+                live.update(_progress_line(view), refresh=True)
+            time.sleep(1.0)
+    return view
+
+
+def _progress_line(view: dict[str, Any]) -> str:
+    line = f"cycle {view['cycle']} on {view['branch']}: step [bold]{view['state']}[/]"
+    progress = view.get("progress") or {}
+    if view["state"] == "train" and progress:
+        line += (f"  step {progress.get('step')}/{progress.get('total_steps')}  loss {progress.get('loss', 0):.3f}"
+                 f"  ewc {progress.get('ewc_penalty', 0):.3g}  {progress.get('tokens_per_s', 0):.0f} tok/s")
+    return line
+
+
+def _print_cycle(view: dict[str, Any]) -> None:
+    console.print(f"cycle {view['cycle']}: [bold]{view['status']}[/]"
+                  + (f", generation {view['generation']}" if view["generation"] is not None else "")
+                  + (f" ({view['error']})" if view["error"] else ""))
+    if view["gates"]:
+        table = Table(title="Gates")
+        for column in ("gate", "passed", "value", "threshold", "margin"):
+            table.add_column(column)
+        for g in view["gates"]:
+            table.add_row(g["name"], "[green]yes[/]" if g["passed"] else "[red]no[/]", _num(g.get("value")),
+                          _num(g.get("threshold")), _num(g.get("margin")))
+        console.print(table)
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")]) -> None:
+    """Make a generation the champion of its branch (e.g. a candidate awaiting approval)."""
+    from .lineage import promote as promote_generation
+
+    promoted = promote_generation(_context(ctx), generation)
+    console.print(f"generation {promoted.id} is now the champion of branch {promoted.branch}")
+
+
+def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Branch name.")]) -> None:
+    """Move a branch's champion back to the champion's parent."""
+    from .lineage import rollback as rollback_branch
+
+    champion = rollback_branch(_context(ctx), branch)
+    console.print(f"branch {branch}: champion is generation {champion.id} again")
+
+
+@branch_app.command("create")
+def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="New branch name.")],
+                  from_generation: Annotated[int, typer.Option("--from", help="Generation to fork from.")],
+                  domain: Annotated[str | None, typer.Option(help="Route interactions of this domain to the branch.")] = None) -> None:
+    """Fork a specialised line at a generation; its cycles use the interactions routed to it."""
+    from .lineage import create_branch
+
+    branch = create_branch(_context(ctx), name, from_generation, domain)
+    routed = f"; interactions of domain {branch.domain!r} now go to it" if branch.domain else ""
+    console.print(f"branch {branch.name} forked from generation {from_generation}{routed}")
+
+
+@branch_app.command("list")
+def branch_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every branch with its root generation, domain and champion."""
+    context = _context(ctx)
+    with context.store.transaction(read_only=True) as tx:
+        rows = [{"name": b.name, "root": b.root_generation_id, "domain": b.domain,
+                 "champion": (a.generation_id if (a := tx.aliases.get(b.name, "champion")) else None)}
+                for b in tx.branches.list()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title="Branches")
+    for column in ("name", "root", "domain", "champion"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], str(row["root"]), row["domain"] or "-", str(row["champion"]))
+    console.print(table)

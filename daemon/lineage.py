@@ -1,0 +1,72 @@
+"""Aliases and branches: promote, roll back, fork. Each change is one database transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from selftune.policies.config import BRANCH_NAME
+from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
+from selftune.policies.records import Branch, Generation, ReplayMember
+
+from .context import Context
+
+
+def make_champion(tx: Any, branch: str, generation_id: int, replay_buffer: list[int]) -> None:
+    """Inside a transaction: the generation becomes the branch's champion, and the replay buffer its trainer
+    left (earlier members and this cycle's rows, as the replay policy chose) becomes the branch's."""
+    tx.generations.set_status(generation_id, "promoted")
+    tx.aliases.set(branch, "champion", generation_id)
+    challenger = tx.aliases.get(branch, "challenger")
+    if challenger is not None and challenger.generation_id == generation_id:
+        tx.aliases.remove(branch, "challenger")
+    tx.replay.remove(branch, [m.interaction_id for m in tx.replay.members(branch)])
+    tx.replay.add_many([ReplayMember(branch, i, generation_id) for i in replay_buffer])
+
+
+def promote(context: Context, generation_id: int) -> Generation:
+    """Make a candidate (or an earlier champion) the champion of its branch."""
+    with context.store.transaction() as tx:
+        generation = tx.generations.get(generation_id)
+        if generation.status in ("rejected", "failed"):
+            raise ConflictError(f"generation {generation_id} was {generation.status} by its gates: "
+                                "see its report; only a candidate or an earlier champion can be promoted")
+        manifest = context.artifacts.verify(generation_id, deep=False)
+        make_champion(tx, generation.branch, generation_id, manifest.get("data", {}).get("replay_buffer", []))
+        return tx.generations.get(generation_id)
+
+
+def rollback(context: Context, branch: str) -> Generation:
+    """Move the branch's champion back to the champion's parent."""
+    with context.store.transaction() as tx:
+        current = tx.aliases.get(branch, "champion")
+        if current is None:
+            raise NotFoundError(f"branch {branch!r} has no champion to roll back")
+        generation = tx.generations.get(current.generation_id)
+        root = tx.branches.get(branch).root_generation_id
+        if generation.parent_id is None or generation.id == root:
+            raise ConflictError(f"generation {generation.id} is where branch {branch!r} starts: nothing to roll back to")
+        tx.aliases.set(branch, "champion", generation.parent_id)
+        return tx.generations.get(generation.parent_id)
+
+
+def create_branch(context: Context, name: str, from_generation: int, domain: str | None) -> Branch:
+    """Fork a specialised line at a generation: its champion starts there and it inherits the replay buffer."""
+    if not BRANCH_NAME.match(name):
+        raise InvalidRecordError(f"branch name {name!r}: use lowercase letters, digits, '-' and '_' (at most 63)")
+    with context.store.transaction() as tx:
+        source = tx.generations.get(from_generation)
+        if source.status in ("rejected", "failed"):
+            raise ConflictError(f"generation {from_generation} is {source.status}: fork from a promoted one")
+        if domain is not None and (taken := [b.name for b in tx.branches.list() if b.domain == domain]):
+            raise ConflictError(f"domain {domain!r} is routed to branch {taken[0]!r} already")
+        branch = tx.branches.create(name, root_generation_id=from_generation, domain=domain)
+        tx.aliases.set(name, "champion", from_generation)
+        inherited = tx.replay.members(source.branch)
+        tx.replay.add_many([ReplayMember(name, m.interaction_id, m.experience, m.priority) for m in inherited])
+        return branch
+
+
+def domain_routes(context: Context) -> dict[str, str]:
+    """Which branch each declared domain goes to (rows of other domains go to the default branch)."""
+    with context.store.transaction(read_only=True) as tx:
+        return {b.domain: b.name for b in tx.branches.list() if b.domain}

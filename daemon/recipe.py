@@ -1,0 +1,467 @@
+"""One generation, top to bottom: select, replay, train, merge, prune, evaluate, gate, package, promote.
+
+Runs in the cycle's worker process. Each step reads what earlier steps wrote into the cycle's
+directory and writes its own result there atomically, so after a crash the worker re-runs the
+step it was in and goes on; the cycle's row says which step that is. Only ``package`` makes a
+generation visible (a directory renamed into place with its manifest) and only ``promote``
+records it in the database, so no half-made generation is ever seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from selftune.policies.errors import NotFoundError
+from selftune.policies.gates import GateResult, SuiteMetrics, evaluate_gates, promotion_decision
+from selftune.policies.records import Cycle, Generation, Interaction, Message
+from selftune.policies.selection import golden_prompts, select_training_data
+
+from .context import Context
+from .cycle import cycle_dir
+from .lineage import make_champion
+from .probes import foundation_probe, foundation_probe_loss
+from .views import generations_view
+
+CRASH_AT = "SELFTUNE_CRASH_AT"
+"""Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
+STEPS = ("select", "replay", "train", "merge", "prune", "evaluate", "gate", "package", "promote")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class Cancelled(BaseException):
+    """Raised in the worker by SIGTERM (a BaseException, so no step swallows it)."""
+
+
+class Rejected(Exception):
+    """The candidate cannot become a generation (e.g. non-finite weights); the reason is its failed gate."""
+
+    def __init__(self, gate: GateResult) -> None:
+        super().__init__(gate.reason)
+        self.gate = gate
+
+
+@dataclass
+class Work:
+    """Where one cycle's steps read and write."""
+
+    context: Context
+    cycle: Cycle
+    parent: Generation
+
+    @property
+    def dir(self) -> Path:
+        return cycle_dir(self.context, self.cycle.id)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def read(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text())
+
+    def write(self, name: str, value: Any) -> None:
+        """Atomically: a crash leaves the old file or the new one, never half of one."""
+        tmp = self.path(name + ".tmp")
+        tmp.write_text(json.dumps(value, indent=1, default=str))
+        os.replace(tmp, self.path(name))
+
+    @property
+    def parent_dir(self) -> Path:
+        return Path(self.parent.path)
+
+    @property
+    def candidate_dir(self) -> Path:
+        return self.path("pruned") if self.context.config.pruning.enabled else self.path("merged")
+
+
+# -- the steps ------------------------------------------------------------------------------------------
+
+
+def select(work: Work) -> dict[str, Any]:
+    """New interactions of the branch since the parent's cutoff, filtered and split; plus replay rows."""
+    config = work.context.config
+    cutoff = work.parent.metrics.get("cutoff", {}).get(work.cycle.branch, 0)
+    with work.context.store.transaction(read_only=True) as tx:
+        interactions = list(tx.interactions.since(work.cycle.branch, cutoff))
+        feedback = [f for fs in tx.feedback.for_interactions([i.id for i in interactions]).values() for f in fs]
+    selection = select_training_data(interactions, feedback, config.selection)
+    golden = golden_prompts(interactions, feedback)
+    newest = max((i.id for i in interactions), default=cutoff)
+    result = {
+        "proceed": selection.decision.proceed,
+        "reason": selection.decision.reason,
+        "cutoff": {**work.parent.metrics.get("cutoff", {}), work.cycle.branch: newest},
+        "counts": {**selection.counts(), "interactions": len(interactions)},
+        "domains": _count_by(row.domain for row in selection.train),
+        "train": [_row(r.interaction_id, r.messages, r.domain) for r in selection.train],
+        "held_out": [_row(r.interaction_id, r.messages, r.domain) for r in selection.held_out],
+        "golden": [{"id": g.interaction_id, "messages": _messages(g.context), "expected": g.expected,
+                    "rejected": list(g.rejected)} for g in golden],
+    }
+    work.write("select.json", result)
+    return {k: result[k] for k in ("proceed", "reason", "counts")}
+
+
+def replay(work: Work) -> dict[str, Any]:
+    """The branch's replay buffer: earlier training rows mixed into this cycle's batches."""
+    with work.context.store.transaction(read_only=True) as tx:
+        members = tx.replay.members(work.cycle.branch)
+        rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
+                 "priority": m.priority} for m in members]
+    work.write("replay.json", rows)
+    return {"rows": len(rows), "experiences": len({r["experience"] for r in rows})}
+
+
+def train(work: Work) -> dict[str, Any]:
+    """LoRA on the parent with replay and EWC, in a child process that checkpoints and can resume."""
+    from selftune.learners import jobs
+
+    config = work.context.config
+    workdir = work.path("train")
+    _stop_orphan_training(work)
+    if not (workdir / jobs.JOB_FILE).exists():
+        parent_fisher = work.parent_dir / "fisher.safetensors"
+        jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read("select.json")["train"],
+                       replay_rows=work.read("replay.json"), experience=work.cycle.id, train=config.train,
+                       replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
+    run = jobs.start_training(workdir)
+    work.path("training.pid").write_text(str(run.pid))
+    try:
+        while run.poll() is None:
+            _report_progress(work, run.last_progress())
+            time.sleep(1.0)
+    except Cancelled:
+        run.stop()  # the trainer checkpoints, so a later resume goes on from there
+        raise
+    result = run.result()
+    if run.poll() != 0 or result is None:
+        failure = run.failure() or {"error": f"training exited with status {run.poll()}; see {workdir / jobs.LOG_FILE}"}
+        raise RuntimeError(f"training failed: {failure.get('error', failure)}")
+    curves = {key: [p.get(key) for p in run.progress()] for key in ("step", "loss", "ewc_penalty", "tokens_per_s", "lr", "replayed", "sequences")}
+    work.write("train.json", {**result, "curves": curves})
+    return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
+
+
+def _stop_orphan_training(work: Work) -> None:
+    """A trainer left running by a killed worker is stopped (it checkpoints) before the step starts again."""
+    try:
+        pid = int(work.path("training.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _report_progress(work: Work, last: dict[str, Any] | None) -> None:
+    if last is not None:
+        work.write("progress.json", {**last, "total_steps": work.context.config.train.steps})
+
+
+def merge(work: Work) -> dict[str, Any]:
+    from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
+
+    shutil.rmtree(work.path("merged"), ignore_errors=True)
+    try:
+        facts = merge_adapter(work.parent_dir, work.path("train") / "adapter", work.path("merged"),
+                              trim=work.context.config.trim)
+    except NonFiniteWeightsError as exc:
+        raise Rejected(GateResult("finite_weights", False, None, None, None, str(exc))) from exc
+    work.write("merge.json", facts)
+    return facts
+
+
+def prune(work: Work) -> dict[str, Any]:
+    config = work.context.config.pruning
+    if not config.enabled:
+        return {"enabled": False}
+    from selftune.learners.prune import prune_directory
+
+    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in work.read("select.json")["train"]]
+    shutil.rmtree(work.path("pruned"), ignore_errors=True)
+    report = prune_directory(work.path("merged"), work.path("pruned"), traffic, config)
+    work.write("prune.json", report)
+    return {k: report.get(k) for k in ("params_before", "params_after", "layers_removed")}
+
+
+def evaluate(work: Work) -> dict[str, Any]:
+    """The same suites on the candidate and its parent: new data, earlier experiences, foundation, golden, speed."""
+    from selftune.learners import evaluate as ev
+
+    data = work.read("select.json")
+    limit = work.context.config.cycle.max_eval_rows
+    experiences = _experience_rows(work, limit)
+    probe = foundation_probe(work.context)
+    suites = {}
+    for name, directory in (("parent", work.parent_dir), ("candidate", work.candidate_dir)):
+        model, tokenizer = ev.load_model(directory)
+        golden = [(g["messages"], [g["expected"], *g["rejected"]], 0) for g in data["golden"] if g["rejected"]]
+        suites[name] = {
+            "new_data_loss": ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit])).loss,
+            "experience_losses": {domain: ev.held_out_loss(model, tokenizer, _pairs(rows)).loss
+                                  for domain, rows in experiences.items() if rows},
+            "foundation_probe_loss": ev.held_out_loss(model, tokenizer, probe).loss if probe else None,
+            "golden_pass_rate": ev.choice_accuracy(model, tokenizer, golden).accuracy if golden else None,
+            "golden_count": len(golden),
+            "params": ev.parameter_count(model),
+            "decode_tokens_per_s": ev.decode_tokens_per_second(model, tokenizer).tokens_per_s,
+            "samples": _samples(ev, model, tokenizer, data["held_out"], work.context.config.cycle.sample_answers),
+        }
+    work.write("evaluate.json", suites)
+    return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
+
+
+def gate(work: Work) -> dict[str, Any]:
+    suites = work.read("evaluate.json")
+    config = work.context.config
+    results = evaluate_gates(_suite(suites["candidate"]), _suite(suites["parent"]), config.gates,
+                             foundation=_foundation_suite(work))
+    decision = promotion_decision(results, config.cycle.auto_promote)
+    verdict = {"action": decision.action, "status": decision.status, "reason": decision.reason,
+               "gates": [r.to_dict() for r in results]}
+    work.write("gate.json", verdict)
+    return {"action": decision.action, "reason": decision.reason}
+
+
+def package(work: Work) -> dict[str, Any]:
+    """Write the generation directory (model, adapter, Fisher, reports, manifest), renamed into place."""
+    from .report import write_reports
+
+    generation_id = _reserved_generation_id(work)
+    artifacts = work.context.artifacts
+    if generation_id not in artifacts.ids():
+        manifest = generation_manifest(work, generation_id)
+
+        def fill(directory: Path) -> dict[str, Any]:
+            for name in MODEL_FILES:
+                if (work.candidate_dir / name).exists():
+                    shutil.copy2(work.candidate_dir / name, directory / name)
+            shutil.copytree(work.path("train") / "adapter", directory / "adapter")
+            if _carries_fisher(work):
+                shutil.copy2(work.path("train") / "fisher.safetensors", directory / "fisher.safetensors")
+            write_reports(directory, generation_id, manifest, work.read("evaluate.json"), lineage=generations_view(work.context))
+            return {}
+
+        artifacts.write(generation_id, fill, manifest)
+    artifacts.verify(generation_id)
+    return {"generation": generation_id}
+
+
+def promote(work: Work) -> dict[str, Any]:
+    """Record the generation; move the alias (champion, or challenger awaiting approval); update replay."""
+    generation_id = _reserved_generation_id(work)
+    manifest = work.context.artifacts.verify(generation_id, deep=False)
+    verdict = work.read("gate.json")
+    branch = work.cycle.branch
+    with work.context.store.transaction() as tx:
+        if tx.generations.find(generation_id) is None:
+            tx.generations.add(branch, str(work.context.artifacts.root / str(generation_id)), manifest["checksum"],
+                               manifest["params"], parent_id=work.parent.id, status=verdict["status"],
+                               metrics=manifest["metrics"], cycle_id=work.cycle.id, id=generation_id)
+        if verdict["action"] == "promote":
+            make_champion(tx, branch, generation_id, manifest["data"]["replay_buffer"])
+        elif verdict["action"] == "await_approval":
+            tx.aliases.set(branch, "challenger", generation_id)
+        tx.cycles.set_generation(work.cycle.id, generation_id)
+    return {"generation": generation_id, "status": verdict["status"]}
+
+
+STEP_FUNCTIONS: dict[str, Callable[[Work], dict[str, Any]]] = {
+    "select": select, "replay": replay, "train": train, "merge": merge, "prune": prune, "evaluate": evaluate,
+    "gate": gate, "package": package, "promote": promote,
+}
+
+
+# -- running them ---------------------------------------------------------------------------------------
+
+
+def run_cycle(context: Context, cycle_id: int) -> Cycle:
+    """Run (or resume) the cycle from the step its row names, recording each step's outcome and timing."""
+    with context.store.transaction(read_only=True) as tx:
+        cycle = tx.cycles.get(cycle_id)
+        parent = tx.generations.get(cycle.parent_generation_id)
+    work = Work(context, cycle, parent)
+    work.dir.mkdir(parents=True, exist_ok=True)
+    with context.store.transaction() as tx:  # steps a crash cut short are re-run below; close their records
+        for event in tx.cycles.events(cycle_id):
+            if event.outcome == "running":
+                tx.cycles.finish_event(event.id, "interrupted")
+    for step in STEPS[STEPS.index(cycle.state):]:
+        try:
+            detail = _recorded(work, step)
+        except Rejected as exc:
+            return _finish(context, cycle_id, "rejected", None, gate=exc.gate)
+        if step == "select" and not detail["proceed"]:
+            return _finish(context, cycle_id, "skipped", detail["reason"])
+        next_step = STEPS[STEPS.index(step) + 1] if step != STEPS[-1] else "done"
+        with context.store.transaction() as tx:
+            tx.cycles.set_state(cycle_id, next_step)
+    return _finish(context, cycle_id, work.read("gate.json")["status"], None)
+
+
+def _recorded(work: Work, step: str) -> dict[str, Any]:
+    started = time.time()
+    with work.context.store.transaction() as tx:
+        event = tx.cycles.add_event(work.cycle.id, step, "running")
+    if os.environ.get(CRASH_AT) == step:  # failpoint for the crash tests: a real kill -9, here
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        detail = STEP_FUNCTIONS[step](work)
+    except Rejected as exc:
+        _close_event(work, event.id, "rejected", {"reason": str(exc), "seconds": time.time() - started})
+        raise
+    except BaseException as exc:
+        _close_event(work, event.id, "failed", {"error": f"{type(exc).__name__}: {exc}", "seconds": time.time() - started})
+        raise
+    _close_event(work, event.id, "ok", {**detail, "seconds": round(time.time() - started, 3)})
+    return detail
+
+
+def _close_event(work: Work, event_id: int, outcome: str, detail: dict[str, Any]) -> None:
+    with work.context.store.transaction() as tx:
+        tx.cycles.finish_event(event_id, outcome, json.loads(json.dumps(detail, default=str)))
+
+
+def _finish(context: Context, cycle_id: int, outcome: str, error: str | None, gate: GateResult | None = None) -> Cycle:
+    with context.store.transaction() as tx:
+        if gate is not None:
+            tx.cycles.add_event(cycle_id, "gate", "rejected", detail={"gates": [gate.to_dict()]})
+        return tx.cycles.finish(cycle_id, outcome, error, state="done")
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
+    """generation.json: parent, branch, cycle, data snapshot, training settings, pruning, metrics, gates."""
+    config = work.context.config
+    data = work.read("select.json")
+    trained = work.read("train.json")
+    verdict = work.read("gate.json")
+    suites = work.read("evaluate.json")
+    candidate = {k: v for k, v in suites["candidate"].items() if k != "samples"}
+    experiences = dict(work.parent.metrics.get("experiences", {}))
+    for domain, ids in _held_out_ids_by_domain(data["held_out"], config.cycle.max_eval_rows).items():
+        experiences[domain] = sorted(set(experiences.get(domain, [])) | set(ids))[: config.cycle.max_eval_rows]
+    return {
+        "parent": work.parent.id,
+        "branch": work.cycle.branch,
+        "cycle": work.cycle.id,
+        "kind": "generation",
+        "params": candidate["params"],
+        "status": verdict["status"],
+        "data": {"counts": data["counts"], "domains": data["domains"],
+                 "train_ids": [r["id"] for r in data["train"]], "held_out_ids": [r["id"] for r in data["held_out"]],
+                 "replay_ids": [r["id"] for r in work.read("replay.json")], "cutoff": data["cutoff"],
+                 "replay_buffer": [int(m["id"]) for m in trained.get("replay_buffer", [])]},
+        "training": {"steps": trained.get("steps"), "learning_rate": config.train.learning_rate,
+                     "lora_rank": config.train.lora_rank, "batch_size": config.train.batch_size,
+                     "tokens": trained.get("tokens"), "replay_ratio": config.replay.ratio,
+                     "ewc_lambda": config.ewc.strength, "curves": trained.get("curves", {})},
+        "merge": _read_optional(work, "merge.json"),
+        "pruning": _read_optional(work, "prune.json") or {"enabled": False},
+        "fisher": {"carried": _carries_fisher(work), "representation": trained.get("fisher_representation"),
+                   "seconds": trained.get("fisher_seconds")},
+        "metrics": {"candidate": candidate, "parent": {k: v for k, v in suites["parent"].items() if k != "samples"},
+                    "cutoff": data["cutoff"], "experiences": experiences},
+        "gates": verdict["gates"],
+        "decision": {"action": verdict["action"], "reason": verdict["reason"]},
+    }
+
+
+def _carries_fisher(work: Work) -> bool:
+    """The trainer's (folded) Fisher anchors the next cycle; not across pruning, which changed the shapes."""
+    return (work.path("train") / "fisher.safetensors").exists() and not work.context.config.pruning.enabled
+
+
+def _reserved_generation_id(work: Work) -> int:
+    """The id this cycle's generation gets, chosen once and remembered across restarts."""
+    path = work.path("generation_id")
+    if path.exists():
+        return int(path.read_text())
+    with work.context.store.transaction(read_only=True) as tx:
+        used = [g.id for g in tx.generations.list()]
+    generation_id = max([*used, *work.context.artifacts.ids()]) + 1
+    tmp = work.path("generation_id.tmp")
+    tmp.write_text(str(generation_id))
+    os.replace(tmp, path)
+    return generation_id
+
+
+def _experience_rows(work: Work, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Held-out rows of every earlier experience along the lineage, by domain."""
+    earlier = work.parent.metrics.get("experiences", {})
+    out = {}
+    with work.context.store.transaction(read_only=True) as tx:
+        for domain, ids in earlier.items():
+            rows = []
+            for interaction_id in ids[:limit]:
+                try:
+                    rows.append(_interaction_row(tx.interactions.get(interaction_id)))
+                except NotFoundError:
+                    continue
+            out[domain] = rows
+    return out
+
+
+def _foundation_suite(work: Work) -> SuiteMetrics:
+    """Generation 0's loss on its own probe answers, for the cumulative drift gate."""
+    return SuiteMetrics(new_data_loss=float("nan"), params=0, foundation_probe_loss=foundation_probe_loss(work.context))
+
+
+def _suite(values: dict[str, Any]) -> SuiteMetrics:
+    return SuiteMetrics.from_dict({k: v for k, v in values.items() if k != "samples"})
+
+
+def _samples(ev: Any, model: Any, tokenizer: Any, rows: list[dict[str, Any]], count: int) -> list[dict[str, str]]:
+    picked = rows[:count]
+    answers = ev.generate_answers(model, tokenizer, [r["messages"][-2]["content"] for r in picked], max_new_tokens=48)
+    return [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"], "answer": a}
+            for r, a in zip(picked, answers)]
+
+
+def _pairs(rows: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    return [row["messages"] for row in rows]
+
+
+def _row(interaction_id: int, messages: tuple[Message, ...], domain: str | None) -> dict[str, Any]:
+    return {"id": interaction_id, "messages": _messages(messages), "domain": domain or "default"}
+
+
+def _interaction_row(interaction: Interaction) -> dict[str, Any]:
+    return _row(interaction.id, interaction.messages, interaction.domain)
+
+
+def _messages(messages: tuple[Message, ...]) -> list[dict[str, str]]:
+    return [asdict(m) for m in messages]
+
+
+def _count_by(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value or "default"] = out.get(value or "default", 0) + 1
+    return out
+
+
+def _held_out_ids_by_domain(rows: list[dict[str, Any]], limit: int) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        out.setdefault(row["domain"], []).append(row["id"])
+    return {domain: ids[:limit] for domain, ids in out.items()}
+
+
+def _read_optional(work: Work, name: str) -> Any:
+    return work.read(name) if work.path(name).exists() else None

@@ -1,0 +1,64 @@
+"""The cycle worker process: ``python -m selftune.daemon.worker --state S --config C CYCLE_ID``.
+
+SIGTERM cancels the cycle: training checkpoints, the step is recorded as cancelled, the cycle ends
+"cancelled" and nothing half-made becomes visible. A crash (even kill -9) leaves the cycle
+unfinished at its step; starting the worker again resumes it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import traceback
+from types import FrameType
+
+from .context import Context
+from .recipe import Cancelled, run_cycle
+
+
+def _cancel(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: stopping must not be interrupted
+    raise Cancelled(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selftune-worker")
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("cycle", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    context = Context.open(args.state, args.config)
+    _bound_threads(context.config.train.threads)
+    signal.signal(signal.SIGTERM, _cancel)
+
+    try:
+        cycle = run_cycle(context, args.cycle)
+    except Cancelled:
+        _end(context, args.cycle, "cancelled", "cancelled by SIGTERM")
+        return 0
+    except Exception as exc:  # recorded as the cycle's outcome; the service goes on
+        traceback.print_exc()
+        _end(context, args.cycle, "failed", f"{type(exc).__name__}: {exc}")
+        return 1
+    logging.info("cycle %s finished: %s", cycle.id, cycle.outcome)
+    return 0
+
+
+def _end(context: Context, cycle_id: int, outcome: str, error: str) -> None:
+    with context.store.transaction() as tx:
+        if tx.cycles.get(cycle_id).finished_at is None:
+            tx.cycles.finish(cycle_id, outcome, error)
+
+
+def _bound_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
