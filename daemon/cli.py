@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.tree import Tree
 
 from selftune.policies.errors import SelftuneError
 from selftune.policies.ingest import FORMATS, RowDefaults
@@ -76,10 +77,13 @@ def ingest(ctx: typer.Context,
     """Ingest interaction logs: OpenAI chat, ShareGPT or prompt/response JSONL. Idempotent."""
     if fmt not in FORMATS:
         _fail(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    from .lineage import domain_routes
+
     context = _context(ctx)
     defaults = RowDefaults(branch=branch or context.config.ingest.default_branch, domain=domain,
                            source=f"ingest:{Path(file).name if file != '-' else 'stdin'}",
-                           max_message_chars=context.config.ingest.max_message_chars)
+                           max_message_chars=context.config.ingest.max_message_chars,
+                           routes={} if branch else domain_routes(context))
     store = context.store
     context.require_branch(defaults.branch)
 
@@ -126,13 +130,16 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 
 @app.command()
-def generations(ctx: typer.Context, as_json: JsonOption = False) -> None:
+def generations(ctx: typer.Context, as_json: JsonOption = False,
+                tree: Annotated[bool, typer.Option("--tree", help="Show the lineage as a tree.")] = False) -> None:
     """Every generation: id, parent, branch, status, parameters, path and aliases."""
     from .views import generations_view
 
     rows = generations_view(_context(ctx))
     if as_json:
         print(json.dumps(rows, indent=2))
+    elif tree:
+        console.print(_lineage_tree(rows))
     else:
         _print_generations(rows)
 
@@ -172,6 +179,24 @@ def _print_generations(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _lineage_tree(rows: list[dict[str, Any]]) -> Tree:
+    colours = {"promoted": "green", "rejected": "red", "failed": "red", "candidate": "yellow"}
+    children: dict[int | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        children.setdefault(row["parent"], []).append(row)
+    root = Tree("[bold]lineage[/]")
+
+    def add(node: Tree, parent: int | None) -> None:
+        for row in children.get(parent, []):
+            aliases = f" [bold cyan]<{', '.join(row['aliases'])}>[/]" if row["aliases"] else ""
+            label = (f"[bold]{row['id']}[/] {row['branch']} [{colours.get(row['status'], 'white')}]{row['status']}[/]"
+                     f" {row['params'] / 1e6:.1f}M params{aliases}")
+            add(node.add(label), row["id"])
+
+    add(root, None)
+    return root
+
+
 def run() -> None:
     """Entry point: selftune's own errors end in one clear line, not a traceback."""
     try:
@@ -182,3 +207,14 @@ def run() -> None:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+# Commands of the other areas, registered here to keep this file small (they import from it, so last).
+from .cli_lineage import branch_app, cycle, promote, rollback  # noqa: E402
+from .cli_report import report  # noqa: E402
+from .cli_serve import serve, token_app  # noqa: E402
+
+for command in (cycle, promote, rollback, report, serve):
+    app.command()(command)
+app.add_typer(branch_app, name="branch")
+app.add_typer(token_app, name="token")

@@ -76,9 +76,34 @@ class ServerConfig:
     """Address to bind. The default keeps the API on this machine."""
     port: int = 8421
     """TCP port of the HTTP API."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted; a larger one is refused with 413 before it is read."""
+    max_batch_rows: int = 1000
+    """Most interactions in one POST /v1/interactions; send more as several requests."""
+    default_max_tokens: int = 256
+    """New tokens a chat completion generates when the request does not say (max_tokens)."""
+    max_tokens_limit: int = 2048
+    """Most new tokens a chat completion may ask for."""
+    champion_poll_seconds: float = 5.0
+    """How often the service looks whether a branch's champion alias moved, to load the new one ahead
+    of the next request (a request always gets the champion the alias names, either way)."""
+    stop_timeout_seconds: float = 30.0
+    """On SIGTERM: how long in-flight requests and the cycle's checkpoint may take before the service exits
+    anyway. Keep it well below systemd's TimeoutStopSec (90 s in deploy/selftune.service)."""
 
     def problems(self) -> list[str]:
-        return [] if 1 <= self.port <= 65535 else [f"server.port = {self.port}: use a port from 1 to 65535"]
+        out = [] if 1 <= self.port <= 65535 else [f"server.port = {self.port}: use a port from 1 to 65535"]
+        if self.max_body_bytes < 1024:
+            out.append(f"server.max_body_bytes = {self.max_body_bytes}: use at least 1024")
+        if not 1 <= self.max_batch_rows <= 100_000:
+            out.append(f"server.max_batch_rows = {self.max_batch_rows}: use a value from 1 to 100000")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            out.append(f"server.default_max_tokens = {self.default_max_tokens}: use 1 to server.max_tokens_limit "
+                       f"({self.max_tokens_limit})")
+        for name in ("champion_poll_seconds", "stop_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                out.append(f"server.{name} = {getattr(self, name)}: use a positive number of seconds")
+        return out
 
 
 @dataclass(frozen=True)

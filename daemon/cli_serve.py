@@ -1,0 +1,75 @@
+"""``selftune serve`` and ``selftune token create|list|revoke`` (registered at the end of cli.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from selftune.policies.records import TOKEN_SCOPES
+
+from .cli import JsonOption, _context, console, err
+
+
+def serve(ctx: typer.Context,
+          host: Annotated[str | None, typer.Option(help="Address to bind (default: server.host, 127.0.0.1).")] = None,
+          port: Annotated[int | None, typer.Option(help="TCP port (default: server.port, 8421).")] = None) -> None:
+    """Run the service: the HTTP API (OpenAI-compatible chat included) and the cycle scheduler."""
+    from .serve import run_service
+
+    context = _context(ctx)
+    code = run_service(context, host or context.config.server.host, port or context.config.server.port)
+    raise typer.Exit(code)
+
+
+token_app = typer.Typer(help="API tokens: ingest (send interactions, feedback, chat) or admin (everything).",
+                        no_args_is_help=True)
+
+
+@token_app.command("create")
+def create_token(ctx: typer.Context,
+                 scope: Annotated[str, typer.Option(help=f"What the token may do: {' or '.join(TOKEN_SCOPES)}.")],
+                 name: Annotated[str | None, typer.Option(help="A name to recognise it by "
+                                                               "(default: SCOPE-DATE).")] = None,
+                 ) -> None:
+    """Create a token and print it, once, as the last word of the output (only its hash is stored)."""
+    if scope not in TOKEN_SCOPES:
+        err.print(f"[bold red]error:[/] --scope {scope!r}: use one of {', '.join(TOKEN_SCOPES)}", highlight=False)
+        raise typer.Exit(2)
+    context = _context(ctx)
+    label = name or f"{scope}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    with context.store.transaction() as tx:
+        token, secret = tx.tokens.create(label, scope)
+    err.print(f"created {scope} token {token.id} ({token.name}); it is shown once, store it now:", highlight=False)
+    print(secret)
+
+
+@token_app.command("list")
+def list_tokens(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Every token: id, name, scope, created, revoked (never the secret)."""
+    with _context(ctx).store.transaction(read_only=True) as tx:
+        tokens = tx.tokens.list()
+    rows = [{"id": t.id, "name": t.name, "scope": t.scope, "created_at": t.created_at.isoformat(),
+             "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None} for t in tokens]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="API tokens")
+    for column in ("id", "name", "scope", "created", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        revoked = (row["revoked_at"] or "-")[:19]
+        table.add_row(str(row["id"]), row["name"], row["scope"], row["created_at"][:19], revoked)
+    console.print(table)
+
+
+@token_app.command("revoke")
+def revoke_token(ctx: typer.Context,
+                 token_id: Annotated[int, typer.Argument(help="Token id (token list shows them).")]) -> None:
+    """Revoke a token: requests with it are refused from now on."""
+    with _context(ctx).store.transaction() as tx:
+        token = tx.tokens.revoke(token_id)
+    console.print(f"revoked {token.scope} token {token.id} ({token.name})")

@@ -1,0 +1,146 @@
+"""Fixtures of the service tests: an initialised state on the tiny model, tokens, a real `selftune serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+PG_URL = os.environ.get("SELFTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+SELFTUNE = str(Path(sys.executable).with_name("selftune"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_state(state: Path, foundation: Path, config: str = "") -> Path:
+    """A state directory with generation 0 (the given model) as the champion of ``main``."""
+    from selftune.daemon.context import Context
+    from selftune.daemon.foundation import ensure_generation_zero
+
+    state.mkdir(parents=True, exist_ok=True)
+    if config:
+        (state / "selftune.toml").write_text(config)
+    context = Context.open(str(state))
+    context.write_default_config()
+    ensure_generation_zero(context, str(foundation))
+    context.store.engine.dispose()
+    return state
+
+
+def create_token(state: Path, scope: str) -> str:
+    from selftune.daemon.context import Context
+
+    context = Context.open(str(state))
+    with context.store.transaction() as tx:
+        _, secret = tx.tokens.create(f"test-{scope}", scope)
+    context.store.engine.dispose()
+    return secret
+
+
+@pytest.fixture(scope="session")
+def make_state(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[..., Path]:
+    """``make_state(config_toml="")``: a fresh, initialised state directory on the tiny model."""
+
+    def make(config: str = "") -> Path:
+        return init_state(tmp_path_factory.mktemp("state"), tiny_model_dir, config)
+
+    return make
+
+
+class ServerProcess:
+    """`selftune serve` in a child process on a free port of 127.0.0.1 (real uvicorn, real signals)."""
+
+    def __init__(self, state: Path, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.state = state
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or state / f"serve-{self.port}.log"
+        self.env = {**os.environ, "JOURNAL_STREAM": "", **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([SELFTUNE, "--state", str(self.state), "serve", "--port", str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, f"serve exited:\n{self.log_text()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"serve was not ready within {timeout} s:\n{self.log_text()}")
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def server_process() -> Iterator[Callable[..., ServerProcess]]:
+    """``server_process(state, env=None)``: an unstarted server; every one made is killed at teardown."""
+    made: list[ServerProcess] = []
+
+    def make(state: Path, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(state, env)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def token_for() -> Callable[[Path, str], str]:
+    """``token_for(state, scope)``: a new API token's secret."""
+    return create_token
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a new, empty schema on the PostgreSQL test server (dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    schema = f"selftune_daemon_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
