@@ -29,7 +29,7 @@ import anyio
 import orjson
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
@@ -802,6 +802,14 @@ def _generation_routes(app: FastAPI) -> None:
     async def get_generation(request: Request, token: Admin,
                              generation_id: Annotated[int, Path(ge=0, le=2**31)]) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(views.generation_detail, request.app.state.context, generation_id)
+
+    @app.get("/v1/lineage", tags=["generations"], response_class=HTMLResponse,
+             summary="The lineage page: each branch's tree of generations, status, aliases, key metrics, reports")
+    async def lineage_page(request: Request, token: Admin) -> HTMLResponse:
+        from .report import lineage_rows, render_lineage_html
+
+        rows = await anyio.to_thread.run_sync(lineage_rows, request.app.state.context)
+        return HTMLResponse(render_lineage_html(rows))
 
     @app.get("/v1/generations/{generation_id}/report", tags=["generations"], response_class=Response,
              summary="The generation's report (HTML by default; md or json)")

@@ -352,6 +352,15 @@ def test_a_promoted_generation_answers_the_next_request(client: TestClient, cont
     assert client.post("/v1/generations/0/promote", headers=admin).status_code == 200  # and back
 
 
+def test_the_lineage_page_lists_every_generation_and_needs_an_admin_token(
+        client: TestClient, admin: dict[str, str], ingest: dict[str, str]) -> None:
+    assert_problem(client.get("/v1/lineage", headers=ingest), 403)
+    page = client.get("/v1/lineage", headers=admin)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for generation in client.get("/v1/generations", headers=admin).json():
+        assert f"/v1/generations/{generation['id']}/report" in page.text or generation["id"] == 0
+
+
 def test_unknown_generations_are_404(client: TestClient, admin: dict[str, str]) -> None:
     assert_problem(client.get("/v1/generations/4242", headers=admin), 404)
     assert_problem(client.post("/v1/generations/4242/promote", headers=admin), 404)
