@@ -24,12 +24,12 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/selftune --state $(DEMO_STATE) init
-	$(BIN)/selftune --state $(DEMO_STATE) ingest data/sample/python_docs.jsonl
-	$(BIN)/selftune --state $(DEMO_STATE) status
+	$(BIN)/python scripts/demo.py --state $(DEMO_STATE)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_api.py
+	$(BIN)/python bench/bench_throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_STATE) .pytest_cache
