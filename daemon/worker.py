@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     context = Context.open(args.state, args.config)
-    _bound_threads(context.config.train.threads)
+    from selftune.learners.lm import set_threads  # evaluation runs here, training in the trainer's process
+
+    set_threads(context.config.train.threads)
     signal.signal(signal.SIGTERM, _cancel)
 
     try:
@@ -51,13 +53,6 @@ def _end(context: Context, cycle_id: int, outcome: str, error: str) -> None:
     with context.store.transaction() as tx:
         if tx.cycles.get(cycle_id).finished_at is None:
             tx.cycles.finish(cycle_id, outcome, error)
-
-
-def _bound_threads(threads: int) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

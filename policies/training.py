@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order, the replay draws, the adapter's initialisation and dropout: same seed, same adapter."""
     threads: int = 0
-    """Torch threads in the training process; 0 means all cores."""
+    """Torch threads in the training process; 0 means all cores but one (at least one), left for serving."""
     checkpoint_every: int = 25
     """Write a resumable checkpoint every this many steps (and always on SIGTERM); 0 means only on SIGTERM."""
     progress_every: int = 1
@@ -94,7 +94,7 @@ class TrainConfig:
         if self.seed < 0:
             out.append(f"train.seed = {self.seed}: use 0 or a positive integer")
         if self.threads < 0:
-            out.append(f"train.threads = {self.threads}: use 0 (all cores) or a positive count")
+            out.append(f"train.threads = {self.threads}: use 0 (all cores but one) or a positive count")
         if self.checkpoint_every < 0:
             out.append(f"train.checkpoint_every = {self.checkpoint_every}: use 0 (only on SIGTERM) or a positive count")
         if self.progress_every < 1:
