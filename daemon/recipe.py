@@ -33,6 +33,8 @@ from .views import generations_view
 CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
 STEPS = ("select", "replay", "train", "merge", "prune", "evaluate", "gate", "package", "promote")
+INTERMEDIATES = ("merged", "pruned", "train/checkpoint")
+"""What a finished cycle's directory no longer needs (hundreds of MB each with the real model)."""
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -339,7 +341,12 @@ def _finish(context: Context, cycle_id: int, outcome: str, error: str | None, ga
     with context.store.transaction() as tx:
         if gate is not None:
             tx.cycles.add_event(cycle_id, "gate", "rejected", detail={"gates": [gate.to_dict()]})
-        return tx.cycles.finish(cycle_id, outcome, error, state="done")
+        cycle = tx.cycles.finish(cycle_id, outcome, error, state="done")
+    # The models in between are copies of what the generation holds (or of nothing kept): drop them.
+    # Step results, logs and the adapter stay for inspection.
+    for name in INTERMEDIATES:
+        shutil.rmtree(cycle_dir(context, cycle_id) / name, ignore_errors=True)
+    return cycle
 
 
 # -- helpers --------------------------------------------------------------------------------------------

@@ -69,6 +69,9 @@ def test_a_cycle_makes_a_promoted_generation(state: Path) -> None:
     assert manifest["training"]["steps"] == 12 and manifest["training"]["tokens"] > 0
     for name in ("model.safetensors", "config.json", "adapter", "fisher.safetensors", "report.md", "README.md"):
         assert (state / "generations" / "1" / name).exists(), name
+    work = state / "cycles" / str(result["cycle"])  # records stay; intermediate models are dropped
+    assert (work / "gate.json").exists() and (work / "train" / "adapter").exists()
+    assert not (work / "merged").exists() and not (work / "train" / "checkpoint").exists()
     generations = json.loads(selftune(state, "generations", "--json").stdout)
     assert [(g["id"], g["status"], g["aliases"]) for g in generations] == [(0, "promoted", []), (1, "promoted", ["champion"])]
     # nothing new to learn: the next cycle is skipped, and the champion stays
@@ -139,3 +142,4 @@ def test_a_branch_specialises_without_touching_main(state: Path) -> None:
     selftune(state, "rollback", "chem")
     branches = {b["name"]: b for b in json.loads(selftune(state, "branch", "list", "--json").stdout)}
     assert branches["chem"]["champion"] == 1 and branches["main"]["champion"] == 1
+
