@@ -513,7 +513,7 @@ def _single_row_id(tx: Any, row: InteractionIn, accepted: int) -> int | None:
 
 def _resolve_interaction(tx: Any, reference: str) -> int:
     """An interaction id, or a chat completion id (the external id its exchange was logged under)."""
-    if reference.isdigit():
+    if reference.isascii() and reference.isdigit() and int(reference) < 2**63:  # ids are 64-bit in the database
         interaction_id = int(reference)
         tx.interactions.get(interaction_id)
         return interaction_id

@@ -361,6 +361,13 @@ def test_the_lineage_page_lists_every_generation_and_needs_an_admin_token(
         assert f"/v1/generations/{generation['id']}/report" in page.text or generation["id"] == 0
 
 
+@pytest.mark.parametrize("reference", [str(2**63), "1" * 40, "\u0661\u0662"])
+def test_feedback_on_an_id_no_interaction_can_have_is_404(client: TestClient, ingest: dict[str, str],
+                                                           reference: str) -> None:
+    """Found by the 5,000-body fuzz run: 2**63 overflowed SQLite's INTEGER and answered 500."""
+    assert_problem(client.post(f"/v1/interactions/{reference}/feedback", json="up", headers=ingest), 404)
+
+
 def test_unknown_generations_are_404(client: TestClient, admin: dict[str, str]) -> None:
     assert_problem(client.get("/v1/generations/4242", headers=admin), 404)
     assert_problem(client.post("/v1/generations/4242/promote", headers=admin), 404)
