@@ -1,23 +1,19 @@
 """Interactions to tensors: the model's own chat template, loss on assistant tokens only, padded batches.
 
 A row is a plain dict: ``{"id": ..., "messages": [{"role", "content"}, ...]}`` (or ``{"prompt",
-"response"}``), optionally with ``"experience"`` and ``"priority"`` for replay rows. Interactions from
-``selftune.policies.records`` convert with ``rows_from_interactions``.
+"response"}``), optionally with ``"experience"`` and ``"priority"`` for replay rows (``jobs.write_job`` also takes
+``selftune.policies.records.Interaction`` objects and writes them as such rows).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from selftune.policies.records import Interaction
-
-from .jobs import interaction_row
 
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, template, padding)."""
@@ -38,11 +34,6 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def rows_from_interactions(interactions: Iterable[Interaction], experience: int = 0) -> list[dict[str, Any]]:
-    """Plain rows from stored interactions (the learner never sees the database)."""
-    return [interaction_row(it, experience) for it in interactions]
-
-
 def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     """The conversation of a row: its ``messages``, or a user/assistant pair from ``prompt``/``response``."""
     if "messages" in row:
@@ -56,12 +47,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file (one JSON object a line)."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

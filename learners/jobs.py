@@ -106,7 +106,7 @@ def write_job(
         "replay": to_dict(job.replay),
         "ewc": to_dict(job.ewc),
     }
-    _atomic_write(workdir / JOB_FILE, json.dumps(doc, indent=2))
+    atomic_write_text(workdir / JOB_FILE, json.dumps(doc, indent=2))
     return workdir
 
 
@@ -244,10 +244,10 @@ def _row(row: dict[str, Any] | Interaction, experience: int) -> dict[str, Any]:
 
 
 def _write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -257,4 +257,4 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, doc: Any) -> None:
-    _atomic_write(path, json.dumps(doc, indent=2))
+    atomic_write_text(path, json.dumps(doc, indent=2))

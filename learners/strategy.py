@@ -44,7 +44,7 @@ from selftune.policies.training import ReplayConfig, TrainConfig, learning_rate
 
 from .data import Encoded, EncodedDataset, batches, pad_collate
 from .fisher import EwcPenalty
-from .lm import autocast, decoder, target_logits, to_device, token_loss
+from .lm import autocast, decoder, mixed_token_loss, target_logits, target_replay_mask, to_device
 
 
 class Stopped(Exception):
@@ -159,7 +159,10 @@ class CausalLMStrategy(SupervisedTemplate):
         return logits
 
     def criterion(self) -> torch.Tensor:
-        return token_loss(self.mb_output, self._targets)
+        """Token loss, replayed sequences weighing their share of the batch (``lm.mixed_token_loss``)."""
+        replay = self.mbatch["replay"]
+        share = float(replay.sum()) / len(replay)
+        return mixed_token_loss(self.mb_output, self._targets, target_replay_mask(self.mbatch), share)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         """Keep the optimizer as built: over the adapter's parameters only, its state possibly resumed."""

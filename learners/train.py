@@ -201,7 +201,7 @@ def _resume(workdir: Path, fingerprint: str, params: list, optimizer: torch.opti
     step = int(state["step"])
     # progress lines written after the checkpoint by the interrupted run will be written again
     kept = [json.dumps(line) for line in jobs.read_progress(workdir) if line["step"] <= step]
-    jobs._atomic_write(progress, "".join(k + "\n" for k in kept))
+    jobs.atomic_write_text(progress, "".join(k + "\n" for k in kept))
     return step
 
 

@@ -31,7 +31,7 @@ def test_every_problem_is_listed_once_with_its_fix() -> None:
 
 
 def test_negative_strength_is_a_problem() -> None:
-    assert EwcConfig(strength=-1.0).problems() == ["ewc.strength = -1.0: use 0 (off) or a positive number, e.g. 1e4"]
+    assert EwcConfig(strength=-1.0).problems() == ["ewc.strength = -1.0: use 0 (off) or a positive number, e.g. 1e3"]
 
 
 def test_sections_round_trip_through_dicts() -> None:

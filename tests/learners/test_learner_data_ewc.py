@@ -164,3 +164,17 @@ def test_fold_refuses_changed_shapes() -> None:
     new = Fisher("dense", {"l": (torch.ones(2, 3),)})
     with pytest.raises(ValueError, match="slice the old Fisher"):
         fold_fisher(old, new, gamma=0.9)
+
+
+def test_replayed_sequences_weigh_their_share_not_their_length() -> None:
+    from selftune.learners.lm import mixed_token_loss
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(12, 50), torch.randint(0, 50, (12,))
+    replayed = torch.tensor([False] * 2 + [True] * 10)  # 2 new tokens, 10 replayed tokens (a long answer)
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    loss = mixed_token_loss(logits, targets, replayed, replay_share=0.125)
+    assert float(loss) == pytest.approx(0.875 * float(per_token[:2].mean()) + 0.125 * float(per_token[2:].mean()), rel=1e-6)
+    # nothing replayed (or a share of 0): the plain token mean
+    assert float(mixed_token_loss(logits, targets, torch.zeros(12, dtype=torch.bool), 0.125)) == pytest.approx(float(per_token.mean()), rel=1e-6)
+    assert float(mixed_token_loss(logits, targets, replayed, 0.0)) == pytest.approx(float(per_token.mean()), rel=1e-6)
