@@ -510,10 +510,10 @@ def _count(value: Any) -> str:
 
 
 def _md_cell(value: Any) -> str:
-    """User text inside a Markdown table cell or line: one line, pipes and HTML escaped."""
+    """User text inside a Markdown table cell or line: one line, pipes escaped, and "<" so that no HTML gets in
+    (">" and "&" stay readable: alone they start no tag)."""
     text = " ".join(str("-" if value is None else value).split())
-    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;")
-            .replace("<", "&lt;").replace(">", "&gt;"))
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
 
 def _clip(text: Any, limit: int = 80) -> str:

@@ -129,7 +129,8 @@ def test_user_text_is_escaped_in_html_and_markdown(written: Path) -> None:
     assert "<script>" not in html and "<b>answer" not in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; a | b &amp; c" in html
     markdown = (written / "report.md").read_text()
-    assert "### 1. &lt;script&gt;alert('x')&lt;/script&gt; a \\| b &amp; c" in markdown
+    assert "### 1. &lt;script>alert('x')&lt;/script> a \\| b & c" in markdown
+    assert "&gt;" not in markdown and "&amp;" not in markdown  # "->" in gate reasons reads as "->"
     assert "- child (generation 3): child answer on two lines" in markdown  # one line: the list item stays whole
 
 
