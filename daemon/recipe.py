@@ -396,15 +396,12 @@ def _carries_fisher(work: Work) -> bool:
 
 def _reserved_generation_id(work: Work) -> int:
     """The id this cycle's generation gets, chosen once and remembered across restarts."""
-    path = work.path("generation_id")
-    if path.exists():
-        return int(path.read_text())
+    if work.path("generation_id.json").exists():
+        return int(work.read("generation_id.json"))
     with work.context.store.transaction(read_only=True) as tx:
         used = [g.id for g in tx.generations.list()]
     generation_id = max([*used, *work.context.artifacts.ids()]) + 1
-    tmp = work.path("generation_id.tmp")
-    tmp.write_text(str(generation_id))
-    os.replace(tmp, path)
+    work.write("generation_id.json", generation_id)
     return generation_id
 
 
