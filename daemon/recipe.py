@@ -1,4 +1,4 @@
-"""One generation, top to bottom: select, replay, train, merge, prune, evaluate, gate, package, promote.
+"""One generation, top to bottom: select, replay, train, merge, prune, heal, evaluate, gate, package, promote.
 
 Runs in the cycle's worker process. Each step reads what earlier steps wrote into the cycle's
 directory and writes its own result there atomically, so after a crash the worker re-runs the
@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ from selftune.policies.selection import golden_prompts, select_training_data
 from .context import Context
 from .cycle import cycle_dir
 from .lineage import make_champion
-from .probes import foundation_probe, foundation_probe_loss
+from .probes import foundation_probe, foundation_probe_loss, foundation_rehearsal
 from .views import generations_view
 
 CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
-STEPS = ("select", "replay", "train", "merge", "prune", "evaluate", "gate", "package", "promote")
-INTERMEDIATES = ("merged", "pruned", "train/checkpoint")
+STEPS = ("select", "replay", "train", "merge", "prune", "heal", "evaluate", "gate", "package", "promote")
+INTERMEDIATES = ("merged", "pruned", "healed", "train/checkpoint", "heal/checkpoint")
 """What a finished cycle's directory no longer needs (hundreds of MB each with the real model)."""
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -81,7 +81,10 @@ class Work:
 
     @property
     def candidate_dir(self) -> Path:
-        return self.path("pruned") if self.context.config.pruning.enabled else self.path("merged")
+        pruning = self.context.config.pruning
+        if not pruning.enabled:
+            return self.path("merged")
+        return self.path("healed") if pruning.heal_steps else self.path("pruned")
 
 
 # -- the steps ------------------------------------------------------------------------------------------
@@ -113,13 +116,15 @@ def select(work: Work) -> dict[str, Any]:
 
 
 def replay(work: Work) -> dict[str, Any]:
-    """The branch's replay buffer: earlier training rows mixed into this cycle's batches."""
+    """The replay pool: the branch's buffer of earlier training rows, and the foundation's rehearsal rows."""
     with work.context.store.transaction(read_only=True) as tx:
         members = tx.replay.members(work.cycle.branch)
         rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
                  "priority": m.priority} for m in members]
+    rehearsal = foundation_rehearsal(work.context, work.context.config.replay.rehearsal)
     work.write("replay.json", rows)
-    return {"rows": len(rows), "experiences": len({r["experience"] for r in rows})}
+    work.write("rehearsal.json", rehearsal)
+    return {"rows": len(rows), "experiences": len({r["experience"] for r in rows}), "rehearsal": len(rehearsal)}
 
 
 def train(work: Work) -> dict[str, Any]:
@@ -132,13 +137,23 @@ def train(work: Work) -> dict[str, Any]:
     if not (workdir / jobs.JOB_FILE).exists():
         parent_fisher = work.parent_dir / "fisher.safetensors"
         jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read("select.json")["train"],
-                       replay_rows=work.read("replay.json"), experience=work.cycle.id, train=config.train,
+                       replay_rows=work.read("replay.json"), rehearsal_rows=work.read("rehearsal.json"),
+                       experience=work.cycle.id, train=config.train,
                        replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
+    result, curves = _run_training(work, workdir, config.train.steps)
+    work.write("train.json", {**result, "curves": curves})
+    return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
+
+
+def _run_training(work: Work, workdir: Path, total_steps: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Start (or resume) the job in ``workdir`` as a child process and watch it to the end."""
+    from selftune.learners import jobs
+
     run = jobs.start_training(workdir)
     work.path("training.pid").write_text(str(run.pid))
     try:
         while run.poll() is None:
-            _report_progress(work, run.last_progress())
+            _report_progress(work, run.last_progress(), total_steps)
             time.sleep(1.0)
     except Cancelled:
         run.stop()  # the trainer checkpoints, so a later resume goes on from there
@@ -148,8 +163,7 @@ def train(work: Work) -> dict[str, Any]:
         failure = run.failure() or {"error": f"training exited with status {run.poll()}; see {workdir / jobs.LOG_FILE}"}
         raise RuntimeError(f"training failed: {failure.get('error', failure)}")
     curves = {key: [p.get(key) for p in run.progress()] for key in ("step", "loss", "ewc_penalty", "tokens_per_s", "lr", "replayed", "sequences")}
-    work.write("train.json", {**result, "curves": curves})
-    return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
+    return result, curves
 
 
 def _stop_orphan_training(work: Work) -> None:
@@ -168,9 +182,9 @@ def _stop_orphan_training(work: Work) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _report_progress(work: Work, last: dict[str, Any] | None) -> None:
+def _report_progress(work: Work, last: dict[str, Any] | None, total_steps: int) -> None:
     if last is not None:
-        work.write("progress.json", {**last, "total_steps": work.context.config.train.steps})
+        work.write("progress.json", {**last, "total_steps": total_steps})
 
 
 def merge(work: Work) -> dict[str, Any]:
@@ -197,6 +211,33 @@ def prune(work: Work) -> dict[str, Any]:
     report = prune_directory(work.path("merged"), work.path("pruned"), traffic, config)
     work.write("prune.json", report)
     return {k: report.get(k) for k in ("params_before", "params_after", "layers_removed")}
+
+
+def heal(work: Work) -> dict[str, Any]:
+    """A short LoRA pass on the pruned model (new rows and the same replay pool, no EWC), merged in."""
+    from selftune.learners import jobs
+    from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
+
+    config = work.context.config
+    if not (config.pruning.enabled and config.pruning.heal_steps):
+        return {"enabled": False}
+    workdir = work.path("heal")
+    _stop_orphan_training(work)
+    if not (workdir / jobs.JOB_FILE).exists():
+        jobs.write_job(workdir, base_model=work.path("pruned"), train_rows=work.read("select.json")["train"],
+                       replay_rows=work.read("replay.json"), rehearsal_rows=work.read("rehearsal.json"),
+                       experience=work.cycle.id, train=replace(config.train, steps=config.pruning.heal_steps),
+                       replay=config.replay, ewc=replace(config.ewc, strength=0.0, fisher_examples=0))
+    result, curves = _run_training(work, workdir, config.pruning.heal_steps)
+    shutil.rmtree(work.path("healed"), ignore_errors=True)
+    try:
+        merge_adapter(work.path("pruned"), workdir / "adapter", work.path("healed"))
+    except NonFiniteWeightsError as exc:
+        raise Rejected(GateResult("finite_weights", False, None, None, None, f"heal: {exc}")) from exc
+    facts = {"enabled": True, **{k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s")},
+             "curves": curves}
+    work.write("heal.json", facts)
+    return {k: v for k, v in facts.items() if k != "curves"}
 
 
 def evaluate(work: Work) -> dict[str, Any]:
@@ -282,7 +323,7 @@ def promote(work: Work) -> dict[str, Any]:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Work], dict[str, Any]]] = {
-    "select": select, "replay": replay, "train": train, "merge": merge, "prune": prune, "evaluate": evaluate,
+    "select": select, "replay": replay, "train": train, "merge": merge, "prune": prune, "heal": heal, "evaluate": evaluate,
     "gate": gate, "package": package, "promote": promote,
 }
 
@@ -372,14 +413,16 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
         "status": verdict["status"],
         "data": {"counts": data["counts"], "domains": data["domains"],
                  "train_ids": [r["id"] for r in data["train"]], "held_out_ids": [r["id"] for r in data["held_out"]],
-                 "replay_ids": [r["id"] for r in work.read("replay.json")], "cutoff": data["cutoff"],
+                 "replay_ids": [r["id"] for r in work.read("replay.json")],
+                 "rehearsal_rows": len(_read_optional(work, "rehearsal.json") or []), "cutoff": data["cutoff"],
                  "replay_buffer": [int(m["id"]) for m in trained.get("replay_buffer", [])]},
         "training": {"steps": trained.get("steps"), "learning_rate": config.train.learning_rate,
                      "lora_rank": config.train.lora_rank, "batch_size": config.train.batch_size,
                      "tokens": trained.get("tokens"), "replay_ratio": config.replay.ratio,
                      "ewc_lambda": config.ewc.strength, "curves": trained.get("curves", {})},
         "merge": _read_optional(work, "merge.json"),
-        "pruning": _read_optional(work, "prune.json") or {"enabled": False},
+        "pruning": {**(_read_optional(work, "prune.json") or {"enabled": False}),
+                    "heal": _read_optional(work, "heal.json") or {"enabled": False}},
         "fisher": {"carried": _carries_fisher(work), "representation": trained.get("fisher_representation"),
                    "seconds": trained.get("fisher_seconds")},
         "metrics": {"candidate": candidate, "parent": {k: v for k, v in suites["parent"].items() if k != "samples"},

@@ -102,7 +102,8 @@ def summary_rows(candidate: Mapping[str, Any], parent: Mapping[str, Any]) -> lis
 
 
 def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
-    """Rows by outcome (in the order they flow), new rows vs the replay buffer, how many training sequences
+    """Rows by outcome (in the order they flow), new rows vs the replay pool (buffer and the foundation's
+    rehearsal rows), how many training sequences
     were replayed (from the per-step ``replayed``/``sequences`` curves or ``training.replayed_sequences``),
     and rows excluded per selection filter."""
     counts = data.get("counts") or {}
@@ -116,7 +117,8 @@ def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, 
         sequences = training["steps"] * training["batch_size"]
     first = [k for k in ("interactions", "train", "held_out", "replay") if k in counts]
     ordered = [*first, *sorted(k for k in counts if k not in first)]  # the flow of rows, then the exclusions
-    return {"new": new, "replay_pool": pool, "replayed": replayed, "sequences": sequences,
+    return {"new": new, "replay_pool": pool, "rehearsal": int(data.get("rehearsal_rows") or 0),
+            "replayed": replayed, "sequences": sequences,
             "replay_share": replayed / sequences if replayed is not None and sequences else None,
             "counts": [{"key": k, "label": k.replace("excluded_", "excluded: ").replace("_", " "), "rows": counts[k]}
                        for k in ordered],
@@ -340,6 +342,7 @@ def _data_figure(data: Mapping[str, Any], mix: Mapping[str, Any]) -> Figure | No
     bars = [(f"train: {domain}", n, "#1f6feb") for domain, n in sorted(domains.items())]
     bars += [(label, n, colour) for label, n, colour in
              (("replay buffer (earlier data)", mix["replay_pool"], "#8250df"),
+              ("rehearsal (generation 0's answers)", mix["rehearsal"], "#bf3989"),
               ("held out (evaluation)", held_out, "#9a6700")) if n]
     if not bars:
         return None

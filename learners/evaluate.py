@@ -272,7 +272,6 @@ def choice_accuracy(
 # ---- generation and speed ------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def generate_answers(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -281,8 +280,32 @@ def generate_answers(
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers to prompts, in the model's chat template (left-padded batches)."""
+    return [text for text, _ in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def complete_answers(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    prompts: Sequence[str | Conversation],
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+) -> list[str | None]:
+    """Greedy answers that the model ended itself within ``max_new_tokens``; None for the others.
+
+    A cut-off answer must not be trained or scored as a whole turn: its end-of-turn token is not the
+    model's, and learning it teaches the model to stop mid-sentence.
+    """
+    return [text if finished else None for text, finished in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+@torch.inference_mode()
+def _generate(
+    model: PreTrainedModel, tokenizer: Any, prompts: Sequence[str | Conversation], max_new_tokens: int, batch_size: int,
+) -> list[tuple[str, bool]]:
+    """(answer, ended by an end-of-turn token) per prompt."""
     device = next(model.parameters()).device
-    answers: list[str] = []
+    stops = _end_token_ids(model, tokenizer)
+    out_rows: list[tuple[str, bool]] = []
     for batch in _chunks(list(prompts), batch_size):
         encoded = [_generation_prompt_ids(tokenizer, p) for p in batch]
         width = max(len(e) for e in encoded)
@@ -295,8 +318,17 @@ def generate_answers(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=_pad_id(tokenizer),
         )
-        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist())
-    return answers
+        for row in out.tolist():
+            new = row[width:]
+            out_rows.append((tokenizer.decode(new, skip_special_tokens=True).strip(), any(t in stops for t in new)))
+    return out_rows
+
+
+def _end_token_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids if i is not None}
 
 
 @torch.inference_mode()

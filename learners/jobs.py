@@ -9,6 +9,8 @@ A working directory holds:
   Fisher of earlier generations (optional), and the names of the data files below.
 * ``train.jsonl`` / ``replay.jsonl`` (in): rows ``{"id", "messages": [{"role", "content"}], "experience",
   "priority"}`` (``prompt``/``response`` rows work too); replay rows are the buffer's current members.
+* ``rehearsal.jsonl`` (in, optional): rows replayed like the buffer's but never stored in it (the daemon's
+  foundation rehearsal).
 * ``progress.jsonl`` (out): one line per step (step, loss, ewc_penalty, tokens, tokens_per_s, lr, ...).
 * ``checkpoint/state.pt`` (out): adapter, optimizer, RNG, step, written atomically every
   ``checkpoint_every`` steps and on SIGTERM. Rerunning the command resumes from it.
@@ -34,6 +36,7 @@ from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig, che
 JOB_FILE = "job.json"
 TRAIN_FILE = "train.jsonl"
 REPLAY_FILE = "replay.jsonl"
+REHEARSAL_FILE = "rehearsal.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
 FAILED_FILE = "failed.json"
@@ -58,6 +61,7 @@ class Job:
     """The running Fisher of earlier generations (``fisher.safetensors`` of the parent), or None."""
     train_file: str = TRAIN_FILE
     replay_file: str = REPLAY_FILE
+    rehearsal_file: str = REHEARSAL_FILE
 
 
 def interaction_row(interaction: Interaction, experience: int = 0, priority: float = 0.0) -> dict[str, Any]:
@@ -76,6 +80,7 @@ def write_job(
     base_model: str | Path,
     train_rows: Iterable[dict[str, Any] | Interaction],
     replay_rows: Iterable[dict[str, Any] | Interaction] = (),
+    rehearsal_rows: Iterable[dict[str, Any]] = (),
     experience: int = 0,
     train: TrainConfig | None = None,
     replay: ReplayConfig | None = None,
@@ -96,12 +101,14 @@ def write_job(
     workdir.mkdir(parents=True, exist_ok=True)
     _write_rows(workdir / job.train_file, (_row(r, experience) for r in train_rows))
     _write_rows(workdir / job.replay_file, (_row(r, 0) for r in replay_rows))
+    _write_rows(workdir / job.rehearsal_file, (_row(r, 0) for r in rehearsal_rows))
     doc = {
         "base_model": job.base_model,
         "experience": job.experience,
         "fisher_in": job.fisher_in,
         "train_file": job.train_file,
         "replay_file": job.replay_file,
+        "rehearsal_file": job.rehearsal_file,
         "train": to_dict(job.train),
         "replay": to_dict(job.replay),
         "ewc": to_dict(job.ewc),
@@ -124,6 +131,7 @@ def read_job(workdir: str | Path) -> Job:
         fisher_in=doc.get("fisher_in"),
         train_file=doc.get("train_file", TRAIN_FILE),
         replay_file=doc.get("replay_file", REPLAY_FILE),
+        rehearsal_file=doc.get("rehearsal_file", REHEARSAL_FILE),
     )
     check(job.train, job.replay, job.ewc)
     return job
@@ -134,7 +142,7 @@ def job_fingerprint(workdir: str | Path) -> str:
     workdir = Path(workdir)
     job = read_job(workdir)
     digest = hashlib.sha256()
-    for name in (JOB_FILE, job.train_file, job.replay_file):
+    for name in (JOB_FILE, job.train_file, job.replay_file, job.rehearsal_file):
         path = workdir / name
         digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes() if path.exists() else b"")

@@ -31,10 +31,6 @@ Traffic = Sequence[Union[Sequence[int], str, Row]]
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers", "mlp_only_layers", "sliding_window_layers")
 """Config lists with one entry per decoder layer; they shrink with the layers."""
 
-Heal = Callable[[PreTrainedModel, Any], dict[str, Any]]
-"""Optional short training pass after the surgery (e.g. a LoRA heal): takes model and tokenizer, returns facts."""
-
-
 class ChannelAndLayerScores:
     """Accumulates the two importance measures through forward hooks over traffic batches."""
 
@@ -254,16 +250,12 @@ def prune_directory(
     out_dir: str | Path,
     traffic: Traffic,
     config: PruningConfig,
-    heal: Heal | None = None,
 ) -> dict[str, Any]:
-    """Load a merged model, prune it on traffic, optionally heal it, save it (with its tokenizer) to ``out_dir``."""
+    """Load a merged model, prune it on traffic, save it (with its tokenizer) to ``out_dir``."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     _, report = prune_model(model, traffic, config, tokenizer)
-    if heal is not None:
-        report["heal"] = heal(model, tokenizer)
-        model.eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

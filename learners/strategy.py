@@ -203,20 +203,24 @@ class PlannedReplayPlugin(ReplayPlugin):
 
     The stock ``ReplayDataLoader`` draws memory batches at random on top of ``train_mb_size``; ours follows
     the seeded plan, so every batch holds exactly ``round(batch_size * ratio)`` replayed sequences and a
-    resumed run sees the same batches. After the experience the buffer is updated through
-    ``post_adapt`` (the stock ``update`` is deprecated and resets the warning filters on every call).
+    resumed run sees the same batches. Fixed rows (``rehearsal``) share the replayed slots with the buffer
+    but never enter it. After the experience the buffer is updated through ``post_adapt`` (the stock
+    ``update`` is deprecated and resets the warning filters on every call).
     """
 
-    def __init__(self, storage_policy: ExemplarsBuffer, seed: int) -> None:
+    def __init__(self, storage_policy: ExemplarsBuffer, seed: int, rehearsal: AvalancheDataset | None = None) -> None:
         super().__init__(mem_size=storage_policy.max_size, storage_policy=storage_policy)
         self.seed = seed
+        self.rehearsal = rehearsal
 
     def before_training_exp(self, strategy: CausalLMStrategy, **kwargs: Any) -> None:
-        buffer = self.storage_policy.buffer
-        if len(buffer) == 0:
+        pool = self.storage_policy.buffer
+        if self.rehearsal is not None and len(self.rehearsal):
+            pool = pool.concat(self.rehearsal)
+        if len(pool) == 0:
             return
-        plan = strategy.plan_for([len(buffer[i]["input_ids"]) for i in range(len(buffer))])
-        strategy.dataloader = PlannedLoader(strategy.adapted_dataset, buffer, plan, strategy.step, strategy.pad_id)
+        plan = strategy.plan_for([len(pool[i]["input_ids"]) for i in range(len(pool))])
+        strategy.dataloader = PlannedLoader(strategy.adapted_dataset, pool, plan, strategy.step, strategy.pad_id)
 
     def after_training_exp(self, strategy: CausalLMStrategy, **kwargs: Any) -> None:
         torch.manual_seed(self.seed)  # the reservoir draws its keys with torch.rand: same seed, same buffer

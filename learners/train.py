@@ -64,6 +64,8 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     replay_rows = read_rows(replay_path) if replay_path.exists() else []
     new_items, dropped = encode_rows(tokenizer, new_rows, cfg.max_length)
     replay_items, replay_dropped = encode_rows(tokenizer, replay_rows, cfg.max_length)
+    rehearsal_path = workdir / job.rehearsal_file
+    rehearsal_items, _ = encode_rows(tokenizer, read_rows(rehearsal_path) if rehearsal_path.exists() else [], cfg.max_length)
     if not new_items:
         raise ValueError(
             f"{workdir / job.train_file}: none of its {len(new_rows)} rows has an assistant turn within "
@@ -75,6 +77,15 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     fisher_in = load_fisher(Path(job.fisher_in)).to(ewc_cfg.representation) if job.fisher_in else None
+    anchor = "parent" if fisher_in is not None else None
+    if fisher_in is None and rehearsal_items and ewc_cfg.enabled and ewc_cfg.fisher_examples > 0:
+        # No running Fisher yet (a foundation parent): anchor on the parent's own answers to general prompts,
+        # estimated now, while the fresh adapter leaves the model equal to its base.
+        sample = [rehearsal_items[i] for i in fisher_sample(len(rehearsal_items), ewc_cfg.fisher_examples, cfg.seed)]
+        fisher_in = estimate_fisher(model, sample, target_modules=cfg.target_modules, pad_id=pad_id,
+                                    batch_size=ewc_cfg.fisher_batch_size, representation=ewc_cfg.representation,
+                                    bf16=cfg.bf16_autocast)
+        anchor = "rehearsal"
     penalty = EwcPenalty(model, fisher_in, ewc_cfg.strength) if fisher_in is not None and ewc_cfg.enabled else None
 
     fingerprint = jobs.job_fingerprint(workdir)
@@ -97,7 +108,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         else:
             policy = ExperienceDiversityBuffer(replay_cfg.buffer_size, KCenterSelection(pad_id, cfg.bf16_autocast))
             policy.restore(replay_items, pad_id)
-        plugins.append(PlannedReplayPlugin(policy, cfg.seed + job.experience))
+        plugins.append(PlannedReplayPlugin(policy, cfg.seed + job.experience, make_dataset(rehearsal_items, pad_id)))
 
     # ---- train: one experience
     strategy = CausalLMStrategy(
@@ -150,6 +161,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         "examples_dropped_too_long": dropped,
         "replay_examples": len(replay_items),
         "replay_dropped_too_long": replay_dropped,
+        "rehearsal_examples": len(rehearsal_items),
         "tokens": tokens,
         "target_tokens": sum(h["target_tokens"] for h in history),
         "padding_share": round(1 - tokens / max(sum(h["padded_tokens"] for h in history), 1), 4),
@@ -167,6 +179,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         "fisher_representation": ewc_cfg.representation if fisher_meta is not None else None,
         "fisher_meta": fisher_meta,
         "ewc_applied": penalty is not None,
+        "ewc_anchor": anchor if penalty is not None else None,
         "adapter": jobs.ADAPTER_DIR,
         "replay_buffer": buffer_members(policy) if policy is not None else [],
         "device": str(device),

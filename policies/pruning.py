@@ -53,6 +53,9 @@ class PruningConfig:
     """Traffic sequences used to score channels and layers (the branch's own logged interactions)."""
     score_max_tokens: int = 256
     """Each scoring sequence is cut to this many tokens."""
+    heal_steps: int = 60
+    """LoRA heal after the surgery: a training job of this many steps on the pruned model, on the cycle's new
+    rows and the same replay pool, merged in (EWC off: the running Fisher has the parent's shapes); 0 skips it."""
 
     def problems(self) -> list[str]:
         out = []
@@ -68,6 +71,8 @@ class PruningConfig:
             out.append(f"pruning.channel_multiple = {self.channel_multiple}: use 1 or more (8 or 64 are usual)")
         if self.score_samples < 1:
             out.append(f"pruning.score_samples = {self.score_samples}: use 1 or more")
+        if self.heal_steps < 0:
+            out.append(f"pruning.heal_steps = {self.heal_steps}: use 0 (no heal) or a positive step count, e.g. 60")
         if self.score_max_tokens < 2:
             out.append(f"pruning.score_max_tokens = {self.score_max_tokens}: use 2 or more")
         return out

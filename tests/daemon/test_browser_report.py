@@ -33,6 +33,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SELFTUNE = str(Path(sys.executable).with_name("selftune"))
 SAMPLES = ROOT / "data" / "sample"
 FAST = {  # a tiny model and a few steps: the pages, not the model, are under test here
+    "SELFTUNE_REPLAY__REHEARSAL": "0",  # the untrained tiny model ends no answer: no rehearsal row would be kept
     "SELFTUNE_TRAIN__STEPS": "12", "SELFTUNE_TRAIN__BATCH_SIZE": "4", "SELFTUNE_TRAIN__MAX_LENGTH": "96",
     "SELFTUNE_TRAIN__LEARNING_RATE": "0.003", "SELFTUNE_TRAIN__THREADS": "1", "SELFTUNE_CYCLE__MAX_EVAL_ROWS": "16",
     "SELFTUNE_CYCLE__SAMPLE_ANSWERS": "3", "SELFTUNE_EWC__FISHER_EXAMPLES": "8",

@@ -16,6 +16,7 @@ from selftune.daemon.context import Context
 SELFTUNE = str(Path(sys.executable).with_name("selftune"))
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 FAST = {  # small and quick
+    "SELFTUNE_REPLAY__REHEARSAL": "0",  # the untrained tiny model ends no answer: no rehearsal row would be kept
     "SELFTUNE_TRAIN__STEPS": "12", "SELFTUNE_TRAIN__BATCH_SIZE": "4", "SELFTUNE_TRAIN__MAX_LENGTH": "96",
     "SELFTUNE_TRAIN__LEARNING_RATE": "0.02", "SELFTUNE_TRAIN__THREADS": "1", "SELFTUNE_CYCLE__MAX_EVAL_ROWS": "16",
     "SELFTUNE_CYCLE__SAMPLE_ANSWERS": "2", "SELFTUNE_EWC__FISHER_EXAMPLES": "8",
@@ -79,6 +80,26 @@ def test_a_cycle_makes_a_promoted_generation(state: Path) -> None:
     assert again["status"] == "skipped" and again["generation"] is None
 
 
+def test_a_pruned_generation_is_healed_smaller_and_loads_in_a_fresh_process(state: Path) -> None:
+    pruned = {"SELFTUNE_PRUNING__ENABLED": "true", "SELFTUNE_PRUNING__MLP_CHANNEL_FRACTION": "0.5",
+              "SELFTUNE_PRUNING__HEAL_STEPS": "4"}
+    result = cycle(state, env=pruned)
+    assert result["status"] in ("promoted", "rejected") and result["generation"] == 1, result
+    directory = state / "generations" / "1"
+    manifest = json.loads((directory / "generation.json").read_text())
+    pruning = manifest["pruning"]
+    assert pruning["params_after"] < pruning["params_before"] and pruning["intermediate_size_after"] < pruning["intermediate_size_before"]
+    assert pruning["heal"]["enabled"] and pruning["heal"]["steps"] == 4 and pruning["heal"]["tokens"] > 0
+    assert not (directory / "fisher.safetensors").exists()  # its shapes are the parent's: not carried across pruning
+    load = ("import sys; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(sum(p.numel() for p in m.parameters()))")
+    fresh = subprocess.run([sys.executable, "-c", load, str(directory)], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert int(fresh.stdout.split()[-1]) == manifest["params"] == pruning["params_after"]
+    work = state / "cycles" / str(result["cycle"])
+    assert not (work / "pruned").exists() and not (work / "healed").exists() and (work / "heal.json").exists()
+
+
 def crash_at(state: Path, step: str) -> int:
     """Start a cycle whose worker kills itself (SIGKILL) as ``step`` begins; wait until it is dead."""
     from selftune.daemon.cycle import worker_alive
@@ -110,7 +131,7 @@ def test_nan_in_the_adapter_is_rejected_and_the_champion_stays(state: Path) -> N
 
 
 @pytest.mark.parametrize("step", ["train", *(pytest.param(s, marks=pytest.mark.slow) for s in
-                                          ("select", "replay", "merge", "prune", "evaluate", "gate", "package", "promote"))])
+                                          ("select", "replay", "merge", "prune", "heal", "evaluate", "gate", "package", "promote"))])
 def test_kill_9_at_a_step_then_the_cycle_resumes(state: Path, step: str) -> None:
     cycle_id = crash_at(state, step)
     context = Context.open(str(state))

@@ -49,7 +49,7 @@ def manifest(status: str = "promoted") -> dict[str, Any]:
         "parent": 2, "branch": "main", "cycle": 7, "kind": "generation", "params": 900, "status": status,
         "data": {"counts": {"train": 18, "held_out": 2, "excluded_near_duplicate": 3, "replay": 6, "interactions": 23},
                  "domains": {"python": 12, "chemistry_elements": 6}, "train_ids": list(range(1, 19)),
-                 "held_out_ids": [19, 20], "replay_ids": [90, 91, 92, 93, 94, 95], "cutoff": {"main": 23}},
+                 "held_out_ids": [19, 20], "replay_ids": [90, 91, 92, 93, 94, 95], "rehearsal_rows": 64, "cutoff": {"main": 23}},
         "training": {"steps": 12, "learning_rate": 0.003, "lora_rank": 8, "batch_size": 4, "tokens": 4321,
                      "replay_ratio": 0.25, "ewc_lambda": 100.0,
                      "curves": [{"step": s, "loss": 3.0 - 0.1 * s, "ewc_penalty": 0.001 * s, "tokens_per_s": 400.0 + s,
@@ -124,6 +124,10 @@ def test_the_html_report_shows_every_gate_in_green_or_red(tmp_path: Path) -> Non
     assert "gates passed <b>2/3</b>" in html
 
 
+def test_the_html_replay_mix_names_the_buffer_and_the_foundation_rehearsal(written: Path) -> None:
+    assert "a replay buffer of 6 rows of earlier experiences and 64 rehearsal rows" in (written / "report.html").read_text()
+
+
 def test_user_text_is_escaped_in_html_and_markdown(written: Path) -> None:
     html = (written / "report.html").read_text()
     assert "<script>" not in html and "<b>answer" not in html
@@ -189,7 +193,8 @@ def test_the_markdown_report_summarises_for_a_terminal(written: Path) -> None:
     assert "| training loss | 2.9 | 1.8 | 1.8 | 2.35 | 12 |" in markdown
     assert "| parameters | 1,000 | 900 |" in markdown and "Layers removed: 1." in markdown
     assert "- filters applied: near duplicate (3 excluded)." in markdown
-    assert ("- replay: a buffer of 6 rows of earlier experiences beside 18 new rows; 12 of 48 training sequences "
+    assert ("- replay: a buffer of 6 rows of earlier experiences and 64 rehearsal rows (generation 0's own answers) "
+            "beside 18 new rows; 12 of 48 training sequences "
             "(25.0%) were replayed; configured ratio 0.25.") in markdown
     assert "- path: 0 (main, promoted) -> 1 (main, promoted) -> 2 (main, promoted) -> **3** (main, promoted)" in markdown
     assert "- siblings (other children of generation 2): 4 (chem, rejected)." in markdown

@@ -13,6 +13,7 @@ import httpx
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "python_docs.jsonl"
 FAST_CYCLE = {  # as tests/daemon/test_cycle.py: small and quick; an untrained tiny model moves its loss ~1%
+    "SELFTUNE_REPLAY__REHEARSAL": "0",  # the untrained tiny model ends no answer: no rehearsal row would be kept
     "SELFTUNE_TRAIN__STEPS": "12", "SELFTUNE_TRAIN__BATCH_SIZE": "4", "SELFTUNE_TRAIN__MAX_LENGTH": "96",
     "SELFTUNE_TRAIN__LEARNING_RATE": "0.02", "SELFTUNE_TRAIN__THREADS": "1", "SELFTUNE_CYCLE__MAX_EVAL_ROWS": "16",
     "SELFTUNE_CYCLE__SAMPLE_ANSWERS": "2", "SELFTUNE_EWC__FISHER_EXAMPLES": "8",

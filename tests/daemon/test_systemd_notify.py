@@ -20,6 +20,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "python_docs.
 STOP_TIMEOUT = 20
 WATCHDOG_SECONDS = 2
 SLOW_TRAINING = {  # a cycle that is still training when SIGTERM comes
+    "SELFTUNE_REPLAY__REHEARSAL": "0",  # the untrained tiny model ends no answer: no rehearsal row would be kept
     "SELFTUNE_TRAIN__STEPS": "5000", "SELFTUNE_TRAIN__BATCH_SIZE": "4", "SELFTUNE_TRAIN__MAX_LENGTH": "96",
     "SELFTUNE_TRAIN__THREADS": "1", "SELFTUNE_SERVER__STOP_TIMEOUT_SECONDS": str(STOP_TIMEOUT),
     "SELFTUNE_SCHEDULE__ENABLED": "false",

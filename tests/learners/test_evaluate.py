@@ -10,6 +10,7 @@ import torch
 
 from selftune.learners.evaluate import (
     choice_accuracy,
+    complete_answers,
     decode_tokens_per_second,
     encode_chat,
     generate_answers,
@@ -106,6 +107,19 @@ def test_generation_is_greedy_and_batching_does_not_change_answers(tiny) -> None
     single = [generate_answers(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
+
+
+def test_complete_answers_leave_out_turns_the_model_did_not_end(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_model_dir)
+    prompt = "Hello"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    width = ids["input_ids"].shape[1]
+    new = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, width:].tolist()
+    never = next(t for t in range(len(tokenizer)) if t not in new)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id = never  # the answer runs to the budget
+    assert complete_answers(model, tokenizer, [prompt], max_new_tokens=12) == [None]  # cut off: left out
+    model.generation_config.eos_token_id = tokenizer.eos_token_id = new[0]  # the model ends its turn at once
+    assert complete_answers(model, tokenizer, [prompt], max_new_tokens=12) == [""]
 
 
 def test_decode_speed_and_size(tiny, tiny_model_dir: Path) -> None:

@@ -76,6 +76,22 @@ def test_replay_honours_its_ratio_and_ewc_runs(tmp_path: Path, tiny_model_dir: P
     assert (work / "adapter" / "adapter_config.json").exists() and (work / jobs.FISHER_FILE).exists()
 
 
+def test_rehearsal_rows_are_replayed_from_the_first_cycle_but_never_enter_the_buffer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rehearsal = [{"id": f"foundation:{i}", "prompt": f"Say hello {i}.", "response": f"Hello {i}!"} for i in range(6)]
+    cfg = TrainConfig(**{**FAST.__dict__, "batch_size": 4, "steps": 4})
+    work = tmp_path / "cycle0"
+    jobs.write_job(work, base_model=tiny_model_dir, train_rows=ROWS, rehearsal_rows=rehearsal, experience=0, train=cfg,
+                   replay=ReplayConfig(buffer_size=10, ratio=0.25), ewc=EwcConfig(strength=1e3, fisher_examples=4))
+    result = run_job(work)
+    progress = jobs.read_progress(work)
+    assert all(line["replayed"] == 1 for line in progress)  # empty buffer, yet round(4 * 0.25)
+    assert result["rehearsal_examples"] == 6 and result["replayed_sequences"] == 4
+    # no running Fisher handed in: EWC anchors on the rehearsal rows from the first cycle on
+    assert result["ewc_anchor"] == "rehearsal" and progress[0]["ewc_penalty"] == 0.0 and progress[-1]["ewc_penalty"] > 0
+    members = {m["id"] for m in result["replay_buffer"]}
+    assert len(members) == 10 and members <= {r["id"] for r in ROWS}
+
+
 def test_diversity_buffer_balances_experiences(tmp_path: Path, tiny_model_dir: Path) -> None:
     replay = ReplayConfig(buffer_size=8, ratio=0.5, selection="diversity")
     ewc = EwcConfig(strength=0.0, fisher_examples=0)
