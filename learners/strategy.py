@@ -178,18 +178,20 @@ class CausalLMStrategy(SupervisedTemplate):
         self.step += 1
 
     # ---- data
-    def plan_for(self, replay_lengths: Sequence[int]) -> list[PlannedBatch]:
+    def plan_for(self, replay_lengths: Sequence[int], rehearsal_lengths: Sequence[int] = ()) -> list[PlannedBatch]:
         assert self.adapted_dataset is not None
         new_lengths = [len(self.adapted_dataset[i]["input_ids"]) for i in range(len(self.adapted_dataset))]
-        ratio = self.replay_cfg.ratio if self.replay_cfg.enabled else 0.0
+        enabled = self.replay_cfg.enabled
         self.plan = plan_batches(
             new_lengths,
             replay_lengths,
             steps=self.cfg.steps,
             batch_size=self.cfg.batch_size,
-            ratio=ratio,
+            ratio=self.replay_cfg.ratio if enabled else 0.0,
             seed=self.cfg.seed,
             bucket_steps=self.cfg.bucket_steps,
+            rehearsal_lengths=rehearsal_lengths,
+            rehearsal_ratio=self.replay_cfg.rehearsal_ratio if self.replay_cfg.buffer_size > 0 else 0.0,
         )
         return self.plan
 
@@ -203,8 +205,8 @@ class PlannedReplayPlugin(ReplayPlugin):
 
     The stock ``ReplayDataLoader`` draws memory batches at random on top of ``train_mb_size``; ours follows
     the seeded plan, so every batch holds exactly ``round(batch_size * ratio)`` replayed sequences and a
-    resumed run sees the same batches. Fixed rows (``rehearsal``) share the replayed slots with the buffer
-    but never enter it. After the experience the buffer is updated through ``post_adapt`` (the stock
+    resumed run sees the same batches. Fixed rows (``rehearsal``) are replayed at their own share beside the
+    buffer but never enter it. After the experience the buffer is updated through ``post_adapt`` (the stock
     ``update`` is deprecated and resets the warning filters on every call).
     """
 
@@ -214,12 +216,12 @@ class PlannedReplayPlugin(ReplayPlugin):
         self.rehearsal = rehearsal
 
     def before_training_exp(self, strategy: CausalLMStrategy, **kwargs: Any) -> None:
-        pool = self.storage_policy.buffer
-        if self.rehearsal is not None and len(self.rehearsal):
-            pool = pool.concat(self.rehearsal)
+        buffer, rehearsal = self.storage_policy.buffer, self.rehearsal
+        pool = buffer.concat(rehearsal) if rehearsal is not None and len(rehearsal) else buffer
         if len(pool) == 0:
             return
-        plan = strategy.plan_for([len(pool[i]["input_ids"]) for i in range(len(pool))])
+        lengths = [len(pool[i]["input_ids"]) for i in range(len(pool))]
+        plan = strategy.plan_for(lengths[: len(buffer)], lengths[len(buffer):])
         strategy.dataloader = PlannedLoader(strategy.adapted_dataset, pool, plan, strategy.step, strategy.pad_id)
 
     def after_training_exp(self, strategy: CausalLMStrategy, **kwargs: Any) -> None:

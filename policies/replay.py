@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class PlannedBatch:
-    """One optimizer step: indices into the new sequences and into the replay buffer."""
+    """One optimizer step: indices into the new sequences and into the replay pool (buffer, then rehearsal rows)."""
 
     new: tuple[int, ...]
     replay: tuple[int, ...]
@@ -44,11 +44,18 @@ def plan_batches(
     ratio: float,
     seed: int,
     bucket_steps: int = 16,
+    rehearsal_lengths: Sequence[int] = (),
+    rehearsal_ratio: float = 0.0,
 ) -> list[PlannedBatch]:
-    """The batches of a whole cycle, length-bucketed, with an exact replay share in every batch.
+    """The batches of a whole cycle, length-bucketed, with exact replay and rehearsal shares in every batch.
+
+    Two pools are replayed, each with its own share of the batch: the buffer (``ratio``) and the
+    rehearsal rows (``rehearsal_ratio``), so that a growing buffer never crowds the rehearsal out; a
+    batch keeps at least one new sequence. ``PlannedBatch.replay`` indexes the pool of both: the
+    buffer's rows first, then the rehearsal rows.
 
     New sequences are drawn epoch by epoch (each once per pass, in a seeded random order), replayed ones
-    likewise from the buffer. Within each window of ``bucket_steps`` steps the drawn sequences are sorted by
+    likewise from their pool. Within each window of ``bucket_steps`` steps the drawn sequences are sorted by
     length and cut into batches, the i-th shortest new group paired with the i-th shortest replayed group,
     and the window's batches are shuffled: similar lengths share a batch (little padding) while the order
     of steps stays random.
@@ -58,15 +65,21 @@ def plan_batches(
     if steps < 1 or bucket_steps < 1:
         raise ValueError(f"steps = {steps}, bucket_steps = {bucket_steps}: use 1 or more for both")
     n_new, n_replay = batch_split(batch_size, ratio, len(replay_lengths))
+    n_rehearsal = min(batch_split(batch_size, rehearsal_ratio, len(rehearsal_lengths))[1], n_new - 1)
+    n_new -= n_rehearsal
+    offset = len(replay_lengths)
     rng = random.Random(seed)
     new_stream = _epochs(len(new_lengths), steps * n_new, rng)
     replay_stream = _epochs(len(replay_lengths), steps * n_replay, rng)
+    rehearsal_stream = _epochs(len(rehearsal_lengths), steps * n_rehearsal, rng)
     plan: list[PlannedBatch] = []
     for start in range(0, steps, bucket_steps):
-        window = min(bucket_steps, steps - start)
-        new_groups = _bucket(new_stream[start * n_new : (start + window) * n_new], new_lengths, n_new)
-        replay_groups = _bucket(replay_stream[start * n_replay : (start + window) * n_replay], replay_lengths, n_replay)
-        batches = [PlannedBatch(tuple(new_groups[i]), tuple(replay_groups[i]) if n_replay else ()) for i in range(window)]
+        window = range(start, min(start + bucket_steps, steps))
+        new_groups = _bucket(new_stream, new_lengths, n_new, window)
+        replay_groups = _bucket(replay_stream, replay_lengths, n_replay, window)
+        rehearsal_groups = _bucket(rehearsal_stream, rehearsal_lengths, n_rehearsal, window)
+        batches = [PlannedBatch(tuple(new), tuple(replayed) + tuple(offset + j for j in rehearsed))
+                   for new, replayed, rehearsed in zip(new_groups, replay_groups, rehearsal_groups)]
         rng.shuffle(batches)
         plan.extend(batches)
     return plan
@@ -89,9 +102,9 @@ def _epochs(n: int, count: int, rng: random.Random) -> list[int]:
     return out[:count]
 
 
-def _bucket(drawn: list[int], lengths: Sequence[int], per_batch: int) -> list[list[int]]:
-    """Cut the drawn indices into groups of ``per_batch``, shortest first (ties keep their drawn order)."""
-    if per_batch == 0:
-        return []
+def _bucket(stream: list[int], lengths: Sequence[int], per_batch: int, window: range) -> list[list[int]]:
+    """The window's draws from ``stream`` cut into groups of ``per_batch``, shortest first (ties keep their
+    drawn order): one group per step of the window, empty ones when nothing is drawn."""
+    drawn = stream[window.start * per_batch : window.stop * per_batch]
     ordered = [i for _, _, i in sorted((lengths[i], pos, i) for pos, i in enumerate(drawn))]
-    return [ordered[k : k + per_batch] for k in range(0, len(ordered), per_batch)]
+    return [ordered[k * per_batch : (k + 1) * per_batch] for k in range(len(window))]

@@ -108,21 +108,24 @@ class TrainConfig:
 class ReplayConfig:
     buffer_size: int = 256
     """Most earlier examples kept for replay across all experiences of a branch (0 turns replay off)."""
-    ratio: float = 0.25
-    """Share of each training batch drawn from the replay pool (the buffer and the foundation's rehearsal
-    rows, when it holds anything): with batch_size 8 and 0.25, every step trains on 6 new sequences and 2
-    replayed ones, and the replayed ones weigh that share of the loss whatever their length. (SmolLM2-135M,
-    first cycle on python_docs: 0.25 kept the foundation probe within +0.3% of generation 0, 0.125 let it
-    rise 14%, for the same -16% on the new data. Four-domain stream without rehearsal: 0.125 kept forgetting
-    at 17-24% of naive's; 0.25 removed it but slowed learning a long new domain to 74% of naive's gain.)"""
+    ratio: float = 0.125
+    """Share of each training batch drawn from the replay buffer (when it holds anything): with batch_size 8
+    and 0.125, every step trains on 1 replayed sequence (besides the rehearsal's), and the replayed ones
+    weigh their share of the loss whatever their length. (SmolLM2-135M, 4 domains: 0.125 kept forgetting at
+    17-24% of naive's; 0.25 removed it but slowed learning a long new domain to 74% of naive's gain.)"""
     selection: str = "reservoir"
     """What stays in the buffer: "reservoir" (a uniform sample of everything seen, Avalanche's reservoir
     buffer) or "diversity" (per experience, the examples farthest apart in the model's own mean-pooled
     hidden states, greedy k-center with faiss)."""
     rehearsal: int = 64
-    """Generation 0's own answers to this many general prompts (recorded once, disjoint from the foundation
-    probe) join the replay pool of every cycle and never leave the pool, so that specialising keeps
-    rehearsing what the foundation could do (0: none; the bundled prompt set holds 80)."""
+    """Generation 0's own answers to up to this many general prompts (recorded once, disjoint from the
+    foundation probe; answers it did not end within 160 tokens left out) are replayed in every cycle,
+    beside the buffer and never in it, so that specialising keeps rehearsing what the foundation could do
+    (0: none; the bundled prompt set holds 80)."""
+    rehearsal_ratio: float = 0.25
+    """Share of each training batch drawn from those rehearsal rows. (SmolLM2-135M, first cycle on
+    python_docs, 100 steps: 0.25 kept the foundation probe within +0.3% of generation 0 and 0.125 let it
+    rise 14%, for the same -16% loss on the new data.)"""
 
     def problems(self) -> list[str]:
         out = []
@@ -132,6 +135,11 @@ class ReplayConfig:
             out.append(f"replay.ratio = {self.ratio}: use a share from 0 up to (not including) 1, e.g. 0.125")
         if self.rehearsal < 0:
             out.append(f"replay.rehearsal = {self.rehearsal}: use 0 (no rehearsal) or a positive count, e.g. 64")
+        if not 0.0 <= self.rehearsal_ratio < 1.0:
+            out.append(f"replay.rehearsal_ratio = {self.rehearsal_ratio}: use a share from 0 up to (not including) 1, e.g. 0.25")
+        elif 0.0 <= self.ratio < 1.0 and self.ratio + self.rehearsal_ratio >= 1.0:
+            out.append(f"replay.ratio + replay.rehearsal_ratio = {self.ratio + self.rehearsal_ratio:g}: keep the sum "
+                       "below 1, so that every batch trains on new data")
         if self.selection not in SELECTIONS:
             out.append(f"replay.selection = {self.selection!r}: use one of {', '.join(SELECTIONS)}")
         return out

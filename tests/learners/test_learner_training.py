@@ -81,7 +81,7 @@ def test_rehearsal_rows_are_replayed_from_the_first_cycle_but_never_enter_the_bu
     cfg = TrainConfig(**{**FAST.__dict__, "batch_size": 4, "steps": 4})
     work = tmp_path / "cycle0"
     jobs.write_job(work, base_model=tiny_model_dir, train_rows=ROWS, rehearsal_rows=rehearsal, experience=0, train=cfg,
-                   replay=ReplayConfig(buffer_size=10, ratio=0.25), ewc=EwcConfig(strength=1e3, fisher_examples=4))
+                   replay=ReplayConfig(buffer_size=10, ratio=0.25, rehearsal_ratio=0.25), ewc=EwcConfig(strength=1e3, fisher_examples=4))
     result = run_job(work)
     progress = jobs.read_progress(work)
     assert all(line["replayed"] == 1 for line in progress)  # empty buffer, yet round(4 * 0.25)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selftune.policies.replay import batch_split, fisher_sample, plan_batches
+from selftune.policies.training import ReplayConfig
 
 
 def test_batch_split_rounds_the_ratio_and_keeps_one_new_sequence() -> None:
@@ -57,6 +58,26 @@ def test_the_plan_is_a_function_of_the_seed() -> None:
     kwargs = dict(steps=20, batch_size=8, ratio=0.25, bucket_steps=4)
     assert plan_batches(lengths, lengths[:20], seed=3, **kwargs) == plan_batches(lengths, lengths[:20], seed=3, **kwargs)
     assert plan_batches(lengths, lengths[:20], seed=3, **kwargs) != plan_batches(lengths, lengths[:20], seed=4, **kwargs)
+
+
+@pytest.mark.parametrize("n_buffer", [0, 30])
+def test_rehearsal_rows_keep_their_own_share_beside_a_growing_buffer(n_buffer: int) -> None:
+    rng = random.Random(2)
+    new, buffer, rehearsal = ([rng.randint(5, 90) for _ in range(n)] for n in (60, n_buffer, 12))
+    plan = plan_batches(new, buffer, steps=24, batch_size=8, ratio=0.125, seed=0, bucket_steps=4,
+                        rehearsal_lengths=rehearsal, rehearsal_ratio=0.25)
+    for batch in plan:
+        rehearsed = [j - n_buffer for j in batch.replay if j >= n_buffer]
+        assert len(rehearsed) == 2 and all(0 <= j < 12 for j in rehearsed)  # the pool: buffer first, then rehearsal
+        assert len(batch.replay) - len(rehearsed) == (1 if n_buffer else 0)
+        assert len(batch.new) == 8 - len(batch.replay)
+    assert Counter(j for b in plan for j in b.replay if j >= n_buffer) == Counter({n_buffer + j: 4 for j in range(12)})
+
+
+def test_replay_and_rehearsal_shares_must_leave_room_for_new_data() -> None:
+    assert ReplayConfig(ratio=0.5, rehearsal_ratio=0.25).problems() == []
+    (problem,) = ReplayConfig(ratio=0.5, rehearsal_ratio=0.5).problems()
+    assert "replay.ratio + replay.rehearsal_ratio = 1" in problem and "below 1" in problem
 
 
 def test_bucketing_cuts_padding() -> None:
