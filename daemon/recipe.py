@@ -419,6 +419,7 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
         "training": {"steps": trained.get("steps"), "learning_rate": config.train.learning_rate,
                      "lora_rank": config.train.lora_rank, "batch_size": config.train.batch_size,
                      "tokens": trained.get("tokens"), "replay_ratio": config.replay.ratio,
+                     "rehearsal_ratio": config.replay.rehearsal_ratio,
                      "ewc_lambda": config.ewc.strength, "curves": trained.get("curves", {})},
         "merge": _read_optional(work, "merge.json"),
         "pruning": {**(_read_optional(work, "prune.json") or {"enabled": False}),

@@ -51,7 +51,7 @@ def manifest(status: str = "promoted") -> dict[str, Any]:
                  "domains": {"python": 12, "chemistry_elements": 6}, "train_ids": list(range(1, 19)),
                  "held_out_ids": [19, 20], "replay_ids": [90, 91, 92, 93, 94, 95], "rehearsal_rows": 64, "cutoff": {"main": 23}},
         "training": {"steps": 12, "learning_rate": 0.003, "lora_rank": 8, "batch_size": 4, "tokens": 4321,
-                     "replay_ratio": 0.25, "ewc_lambda": 100.0,
+                     "replay_ratio": 0.25, "rehearsal_ratio": 0.125, "ewc_lambda": 100.0,
                      "curves": [{"step": s, "loss": 3.0 - 0.1 * s, "ewc_penalty": 0.001 * s, "tokens_per_s": 400.0 + s,
                                  "sequences": 4, "replayed": 1} for s in steps]},
         "merge": {"rank_after": 8, "ranks_after": {"q_proj": 8, "v_proj": 6}, "dtype": "float32"},
@@ -109,7 +109,7 @@ def test_the_html_report_is_one_self_contained_file_with_the_plots_inline(writte
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|<link|<script""", html, re.I)
     assert "<style>" in html and ":root" in html
     assert "<dt>ranks after</dt><dd>2 entries, 6 to 8</dd>" in html  # nested values stay one short line
-    assert "12 of 48 training sequences (25.0%) were replayed; the configured replay ratio is 0.25." in html
+    assert "12 of 48 training sequences (25.0%) were replayed; the configured replay ratio is 0.25, the rehearsal ratio 0.125." in html
 
 
 def test_the_html_report_shows_every_gate_in_green_or_red(tmp_path: Path) -> None:
@@ -125,7 +125,8 @@ def test_the_html_report_shows_every_gate_in_green_or_red(tmp_path: Path) -> Non
 
 
 def test_the_html_replay_mix_names_the_buffer_and_the_foundation_rehearsal(written: Path) -> None:
-    assert "a replay buffer of 6 rows of earlier experiences and 64 rehearsal rows" in (written / "report.html").read_text()
+    html = (written / "report.html").read_text()
+    assert "a replay buffer of 6 rows of earlier experiences and 64 rehearsal rows" in html
 
 
 def test_user_text_is_escaped_in_html_and_markdown(written: Path) -> None:
@@ -195,7 +196,7 @@ def test_the_markdown_report_summarises_for_a_terminal(written: Path) -> None:
     assert "- filters applied: near duplicate (3 excluded)." in markdown
     assert ("- replay: a buffer of 6 rows of earlier experiences and 64 rehearsal rows (generation 0's own answers) "
             "beside 18 new rows; 12 of 48 training sequences "
-            "(25.0%) were replayed; configured ratio 0.25.") in markdown
+            "(25.0%) were replayed; configured ratio 0.25 (rehearsal 0.125).") in markdown
     assert "- path: 0 (main, promoted) -> 1 (main, promoted) -> 2 (main, promoted) -> **3** (main, promoted)" in markdown
     assert "- siblings (other children of generation 2): 4 (chem, rejected)." in markdown
 
