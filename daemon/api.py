@@ -29,7 +29,7 @@ import anyio
 import orjson
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
@@ -249,14 +249,18 @@ class Draining:
 # -- authentication ----------------------------------------------------------------------------------
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `selftune token create --scope ingest|admin`.")
+COOKIE = "selftune_token"
+"""A browser's token for the HTML pages: set by ``GET /v1/lineage?token=...``, honoured on GET requests only
+(HttpOnly, SameSite=Strict), so that the page's links to reports open in the same browser."""
 
 
-def _verify(context: Context, credentials: HTTPAuthorizationCredentials | None) -> ApiToken:
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+def _verify(context: Context, secret: str | None) -> ApiToken:
+    if not secret:
         raise Problem(401, "this endpoint needs a bearer token: Authorization: Bearer <token> "
-                      "(create one with `selftune token create`)", headers={"WWW-Authenticate": "Bearer"})
+                      "(create one with `selftune token create`; in a browser open /v1/lineage?token=<token>)",
+                      headers={"WWW-Authenticate": "Bearer"})
     with context.store.transaction(read_only=True) as tx:
-        token = tx.tokens.verify(credentials.credentials)
+        token = tx.tokens.verify(secret)
     if token is None:
         raise Problem(401, "the bearer token is unknown or revoked", headers={"WWW-Authenticate": "Bearer"})
     return token
@@ -267,12 +271,21 @@ def require(scope: Literal["ingest", "admin"]) -> Callable[..., Awaitable[ApiTok
 
     async def dependency(request: Request,
                          credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> ApiToken:
-        token = await anyio.to_thread.run_sync(_verify, request.app.state.context, credentials)
+        token = await anyio.to_thread.run_sync(_verify, request.app.state.context, _secret(request, credentials))
         if scope == "admin" and token.scope != "admin":
             raise Problem(403, f"token {token.name!r} has scope {token.scope!r}; this endpoint needs an admin token")
         return token
 
     return dependency
+
+
+def _secret(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The bearer token; on GET also the browser's cookie or a ``?token=`` (nothing that a write could ride on)."""
+    if credentials is not None:
+        return credentials.credentials if credentials.scheme.lower() == "bearer" else None
+    if request.method in ("GET", "HEAD"):
+        return request.query_params.get("token") or request.cookies.get(COOKIE)
+    return None
 
 
 Ingest = Annotated[ApiToken, Depends(require("ingest"))]
@@ -805,9 +818,15 @@ def _generation_routes(app: FastAPI) -> None:
 
     @app.get("/v1/lineage", tags=["generations"], response_class=HTMLResponse,
              summary="The lineage page: each branch's tree of generations, status, aliases, key metrics, reports")
-    async def lineage_page(request: Request, token: Admin) -> HTMLResponse:
+    async def lineage_page(request: Request, token: Admin) -> Response:
         from .report import lineage_rows, render_lineage_html
 
+        secret = request.query_params.get("token")
+        if secret:  # a browser signing in: keep the token in a cookie, and out of the address bar and history
+            response = RedirectResponse("/v1/lineage", status_code=303)
+            response.set_cookie(COOKIE, secret, httponly=True, samesite="strict", path="/v1",
+                                secure=request.url.scheme == "https")
+            return response
         rows = await anyio.to_thread.run_sync(lineage_rows, request.app.state.context)
         return HTMLResponse(render_lineage_html(rows))
 

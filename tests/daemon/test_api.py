@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -359,6 +360,26 @@ def test_the_lineage_page_lists_every_generation_and_needs_an_admin_token(
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for generation in client.get("/v1/generations", headers=admin).json():
         assert f"/v1/generations/{generation['id']}/report" in page.text or generation["id"] == 0
+
+
+def test_a_browser_signs_in_once_and_follows_the_lineage_page_to_the_reports(
+        context: Context, admin: dict[str, str], ingest: dict[str, str], tiny_model_dir: Path) -> None:
+    generation = add_generation(context, tiny_model_dir, seed=11, report="<h1>the report of a candidate</h1>")
+    secret = admin["Authorization"].removeprefix("Bearer ")
+    with TestClient(create_app(context)) as browser:  # a client of its own: its cookies are its own
+        wait_ready(browser)
+        assert_problem(browser.get("/v1/lineage"), 401)
+        assert_problem(browser.get("/v1/lineage?token=" + ingest["Authorization"].removeprefix("Bearer ")), 403)
+        signed_in = browser.get(f"/v1/lineage?token={secret}", follow_redirects=False)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/v1/lineage"
+        cookie = signed_in.headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower() and "Path=/v1" in cookie
+        page = browser.get("/v1/lineage")  # the cookie from here on
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        links = re.findall(r'href="(/v1/generations/\d+/report)"', page.text)
+        assert f"/v1/generations/{generation}/report" in links
+        assert "the report of a candidate" in browser.get(f"/v1/generations/{generation}/report").text
+        assert_problem(browser.post("/v1/generations/0/promote"), 401)  # a cookie never authorises a write
 
 
 @pytest.mark.parametrize("reference", [str(2**63), "1" * 40, "\u0661\u0662"])
