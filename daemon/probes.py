@@ -5,7 +5,8 @@ from what the foundation knew. (Chat-format QA probes would not do: a few steps 
 their loss by teaching answer style, which hides real forgetting.)
 
 The rehearsal set keeps that knowledge: generation 0's answers to other general prompts, disjoint from the
-probe's, join every cycle's replay pool, so that specialising never trains on new data alone (the
+probe's, are replayed in every cycle at their own share of each batch (``replay.rehearsal_ratio``), so
+that specialising never trains on new data alone (the
 "self-synthesized rehearsal" idea: with no pre-training data at hand, the model's own outputs stand in).
 """
 
