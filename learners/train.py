@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from selftune.policies.replay import fisher_sample
+from selftune.policies.training import EwcConfig, TrainConfig
 
 from . import jobs
 from .data import encode_rows, read_rows
@@ -81,10 +82,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     if fisher_in is None and rehearsal_items and ewc_cfg.enabled and ewc_cfg.fisher_examples > 0:
         # No running Fisher yet (a foundation parent): anchor on the parent's own answers to general prompts,
         # estimated now, while the fresh adapter leaves the model equal to its base.
-        sample = [rehearsal_items[i] for i in fisher_sample(len(rehearsal_items), ewc_cfg.fisher_examples, cfg.seed)]
-        fisher_in = estimate_fisher(model, sample, target_modules=cfg.target_modules, pad_id=pad_id,
-                                    batch_size=ewc_cfg.fisher_batch_size, representation=ewc_cfg.representation,
-                                    bf16=cfg.bf16_autocast)
+        fisher_in = _fisher(model, rehearsal_items, cfg, ewc_cfg, pad_id)
         anchor = "rehearsal"
     penalty = EwcPenalty(model, fisher_in, ewc_cfg.strength) if fisher_in is not None and ewc_cfg.enabled else None
 
@@ -135,17 +133,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     fisher_seconds, fisher_meta = 0.0, None
     if ewc_cfg.fisher_examples > 0:
         t = time.perf_counter()
-        sample = [new_items[i] for i in fisher_sample(len(new_items), ewc_cfg.fisher_examples, cfg.seed)]
-        fisher_new = estimate_fisher(
-            model,
-            sample,
-            target_modules=cfg.target_modules,
-            pad_id=pad_id,
-            batch_size=ewc_cfg.fisher_batch_size,
-            representation=ewc_cfg.representation,
-            bf16=cfg.bf16_autocast,
-        )
-        folded = fold_fisher(fisher_in, fisher_new, ewc_cfg.gamma)
+        folded = fold_fisher(fisher_in, _fisher(model, new_items, cfg, ewc_cfg, pad_id), ewc_cfg.gamma)
         save_fisher(folded, workdir / jobs.FISHER_FILE)
         fisher_seconds, fisher_meta = time.perf_counter() - t, folded.meta
     _save_adapter(model, workdir / jobs.ADAPTER_DIR)
@@ -188,6 +176,14 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     }
     jobs.atomic_write_json(workdir / jobs.RESULT_FILE, result)
     return result
+
+
+def _fisher(model: Any, items: list[Any], cfg: TrainConfig, ewc_cfg: EwcConfig, pad_id: int) -> Any:
+    """The diagonal Fisher of the target layers on a seeded sample of ``items`` (``ewc.fisher_examples``)."""
+    sample = [items[i] for i in fisher_sample(len(items), ewc_cfg.fisher_examples, cfg.seed)]
+    return estimate_fisher(model, sample, target_modules=cfg.target_modules, pad_id=pad_id,
+                           batch_size=ewc_cfg.fisher_batch_size, representation=ewc_cfg.representation,
+                           bf16=cfg.bf16_autocast)
 
 
 def _resume(workdir: Path, fingerprint: str, params: list, optimizer: torch.optim.Optimizer, history: list) -> int:
