@@ -40,22 +40,10 @@ from selftune.learners.lm import load_base, load_tokenizer, mean_token_nll, set_
 from selftune.learners.train import run_job
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig
 
+from common import ensure_model  # bench/ is the script's directory, first on sys.path
+
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DOMAINS = ("python_docs", "hacker_jargon", "devils_dictionary", "chemistry_elements")
-
-
-def ensure_model(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct from the embedded GGUF, saved once as a float32 transformers directory
-    (float32 so that merging small adapter updates loses nothing to bfloat16 rounding)."""
-    if (cache / "config.json").exists():
-        return cache
-    from selftune.learners.foundation import materialise
-
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    materialise("embedded", tmp, dtype=torch.float32)
-    tmp.rename(cache)
-    return cache
 
 
 def merge(parent: Path, adapter: Path, out: Path) -> None:

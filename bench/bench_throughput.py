@@ -33,21 +33,10 @@ from selftune.learners.train import run_job
 from selftune.policies.replay import plan_batches
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig
 
+from common import ensure_model  # bench/ is the script's directory, first on sys.path
+
 TRAINER = "trainer (HF + peft defaults, fp32)"
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def ensure_model(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct from the embedded GGUF, saved once as a float32 transformers directory."""
-    if (cache / "config.json").exists():
-        return cache
-    from selftune.learners.foundation import materialise
-
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    materialise("embedded", tmp, dtype=torch.float32)
-    tmp.rename(cache)
-    return cache
 
 
 def trainer_step_times(model_dir: Path, batches: list[dict], cfg: TrainConfig, out: Path) -> list[float]:
