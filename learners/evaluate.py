@@ -2,7 +2,7 @@
 
 Plain functions over a model, its tokenizer and data. Losses count the assistant's tokens only, in the
 model's own chat template, token-weighted over the whole set (long answers weigh more than short).
-Forward passes run under bf16 autocast (on CPU too); log-probabilities are taken in float32.
+Forward passes run under bf16 autocast where the hardware computes bf16 (on CPU too); log-probabilities are taken in float32.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from selftune.policies.records import Message
+
+from .lm import autocast
 
 IGNORE = -100
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -146,11 +148,8 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def autocast_for(model: torch.nn.Module, enabled: bool = True) -> AbstractContextManager[Any]:
-    """bf16 autocast on the model's device (CPU included)."""
-    device = next(model.parameters()).device
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 autocast on the model's device (CPU included) where its hardware computes bf16 (``lm.fast_bf16``)."""
+    return autocast(next(model.parameters()).device, enabled)
 
 
 @torch.inference_mode()

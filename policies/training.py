@@ -56,11 +56,12 @@ class TrainConfig:
     """Append a line to progress.jsonl every this many steps."""
     bf16_autocast: bool = True
     """Run matrix products in bfloat16 (autocast) while the adapter and optimizer stay in float32. A large
-    speed-up on CPUs with AMX or AVX512-BF16 and on recent GPUs; without hardware bfloat16 it is slower."""
+    speed-up on CPUs with AMX or AVX512-BF16 and on recent GPUs; without hardware bfloat16 (an AVX2-only
+    CPU) it would be several times slower, so there it is skipped and everything runs in float32."""
     base_dtype: str = "bfloat16"
     """Storage dtype of the frozen base's linear layers while training: "bfloat16" (half the memory, no
-    per-step cast; with bf16_autocast the products are bfloat16 anyway) or "float32". Embeddings, norms and
-    the merge always stay float32."""
+    per-step cast; with bf16_autocast the products are bfloat16 anyway; float32 where the hardware has no
+    bfloat16, as for ``bf16_autocast``) or "float32". Embeddings, norms and the merge always stay float32."""
 
     def problems(self) -> list[str]:
         out = []

@@ -9,7 +9,9 @@ import torch
 
 from selftune.learners.data import IGNORE_INDEX, encode, encode_rows
 from selftune.learners.fisher import EwcPenalty, Fisher, estimate_fisher, fold_fisher, load_fisher, rank1, save_fisher
-from selftune.learners.lm import attach_lora, load_base, load_tokenizer, lora_layers, target_logits, token_loss
+from selftune.learners.lm import (
+    attach_lora, autocast, bf16_in_hardware, fast_bf16, load_base, load_tokenizer, lora_layers, target_logits, token_loss,
+)
 from selftune.policies.training import TrainConfig
 
 ROWS = [
@@ -178,3 +180,18 @@ def test_replayed_sequences_weigh_their_share_not_their_length() -> None:
     # nothing replayed (or a share of 0): the plain token mean
     assert float(mixed_token_loss(logits, targets, torch.zeros(12, dtype=torch.bool), 0.125)) == pytest.approx(float(per_token.mean()), rel=1e-6)
     assert float(mixed_token_loss(logits, targets, replayed, 0.0)) == pytest.approx(float(per_token.mean()), rel=1e-6)
+
+
+def test_bf16_only_where_the_cpu_computes_it(tiny_model_dir: Path) -> None:
+    # Emulated bf16 (an AVX2-only CPU) is several times slower than float32: autocast and bf16 storage are
+    # the hardware's call, not only the config's.
+    assert bf16_in_hardware({"amx_bf16": True}) and bf16_in_hardware({"avx2": True, "avx512_bf16": True})
+    assert not bf16_in_hardware({"avx2": True, "avx512_f": True, "amx_bf16": False})
+    cpu = torch.device("cpu")
+    expected = bf16_in_hardware(torch.cpu.get_capabilities())
+    assert fast_bf16("cpu") is expected
+    with autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu") is expected
+    model = load_base(tiny_model_dir, base_dtype="bfloat16", device=cpu)
+    projection = model.model.layers[0].mlp.down_proj.weight
+    assert projection.dtype == (torch.bfloat16 if expected else torch.float32)
