@@ -2,8 +2,8 @@
 
 Arms, each timed per optimizer step (median over the timed steps, the first ``--warmup`` dropped):
   trainer      transformers Trainer, peft LoraConfig defaults but the same rank and target modules, fp32
-  ours         our learner (Avalanche strategy, bf16 autocast, bf16 frozen base, eager attention, logits
-               on labelled positions only), no replay, no EWC
+  ours         our learner (Avalanche strategy, bf16 autocast and bf16 frozen base where the hardware has
+               bf16, eager attention, logits on labelled positions only), no replay, no EWC
   ours+replay+ewc[REPR]   our learner with a replay share and the EWC penalty against a real Fisher
 
 Tokens are the non-padding input tokens of a batch. Target: ours >= 1.5x trainer's tokens/s, and a
