@@ -2,7 +2,8 @@
 
 Plain functions over a model, its tokenizer and data. Losses count the assistant's tokens only, in the
 model's own chat template, token-weighted over the whole set (long answers weigh more than short).
-Forward passes run under bf16 autocast where the hardware computes bf16 (on CPU too); log-probabilities are taken in float32.
+Forward passes run under bf16 autocast where the hardware computes bf16 (CPUs with AMX or AVX512-BF16
+too); log-probabilities are taken in float32.
 """
 
 from __future__ import annotations
