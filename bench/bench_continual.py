@@ -247,12 +247,10 @@ def main() -> int:
             print(f"  {d:28s} {cells[0]:>34s}   {cells[1]:>34s}")
         # Why the two gain columns can differ: an arm that forgot less enters a stage with a lower loss on
         # the new domain, so the same level reached is a smaller gain "during its stage".
-        entering = {arm: [results["arms"][arm]["matrix"][k][d] for k, d in enumerate(args.domains)] for arm in ("replay_ewc", "naive")}
-        reached = {arm: [results["arms"][arm]["matrix"][k + 1][d] for k, d in enumerate(args.domains)] for arm in ("replay_ewc", "naive")}
-        print(f"  {'loss entering its stage':28s} " + "  ".join(
-            f"{d[:10]} {r:.3f} vs {n:.3f}" for d, r, n in zip(args.domains, entering["replay_ewc"], entering["naive"])))
-        print(f"  {'loss after its stage':28s} " + "  ".join(
-            f"{d[:10]} {r:.3f} vs {n:.3f}" for d, r, n in zip(args.domains, reached["replay_ewc"], reached["naive"])))
+        ours, naive = results["arms"]["replay_ewc"]["matrix"], results["arms"]["naive"]["matrix"]
+        for label, offset in (("loss entering its stage", 0), ("loss after its stage", 1)):
+            print(f"  {label:28s} " + "  ".join(f"{d[:10]} {ours[k + offset][d]:.3f} vs {naive[k + offset][d]:.3f}"
+                                                for k, d in enumerate(args.domains)))
         results["summary"] = {
             "forgetting_ratio": ratio,
             "gain_share_during_stage": {d: v[0] for d, v in shares.items()},
