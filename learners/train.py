@@ -46,6 +46,10 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         reservoir_buffer,
     )
 
+    def stop_if_requested() -> None:  # during setup nothing has changed since the last checkpoint: just go
+        if stop_requested():
+            raise Stopped("stopped before training began; rerun the job to resume")
+
     workdir = Path(workdir)
     done = jobs.read_result(workdir)
     if done is not None:
@@ -55,7 +59,8 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     cfg, replay_cfg, ewc_cfg = job.train, job.replay, job.ewc
     started = time.perf_counter()
 
-    # ---- setup
+    # ---- setup (SIGTERM is looked at between its slow parts: the imports, the model, the Fisher)
+    stop_if_requested()
     set_threads(cfg.threads)
     device = pick_device()
     tokenizer = load_tokenizer(job.base_model)
@@ -74,6 +79,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         )
 
     model = attach_lora(load_base(job.base_model, base_dtype=cfg.base_dtype, device=device), cfg)
+    stop_if_requested()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -89,6 +95,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     fingerprint = jobs.job_fingerprint(workdir)
     history: list[dict[str, Any]] = []
     start_step = _resume(workdir, fingerprint, params, optimizer, history)
+    stop_if_requested()
 
     def save(strategy: CausalLMStrategy) -> None:
         _save_checkpoint(workdir, strategy.step, cfg.steps, params, optimizer, history, fingerprint)

@@ -101,11 +101,11 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
         assert started.status_code == 202, started.text
         cycle_id = started.json()["cycle"]
         assert client.post("/v1/cycles", json={}).status_code == 409  # one at a time
+        progress = state / "cycles" / str(cycle_id) / "train" / "progress.jsonl"
         deadline = time.monotonic() + 180
-        while client.get(f"/v1/cycles/{cycle_id}").json()["state"] != "train":
+        while not (progress.exists() and progress.read_text()):  # a training step has been taken
             assert time.monotonic() < deadline, client.get(f"/v1/cycles/{cycle_id}").text
             time.sleep(0.5)
-        time.sleep(3)  # well into training
         assert client.get(f"/v1/cycles/{cycle_id}").json()["status"] == "running"
 
     pings = [at for at, _ in listener.lines("WATCHDOG=1")]
@@ -129,6 +129,8 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
     for pid in left:  # do not leave a trainer running after a failed test
         os.kill(pid, signal.SIGKILL)
     assert not left, "the cycle's worker and its trainer must be gone when the service has stopped"
+    checkpoint = json.loads((cycle_dir / "train" / "checkpoint" / "state.json").read_text())
+    assert checkpoint["step"] >= 1  # the trainer saved the steps it had taken
 
     from selftune.daemon.context import Context
 

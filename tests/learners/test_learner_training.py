@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from selftune.learners import jobs
+from selftune.learners.strategy import Stopped
 from selftune.learners.train import run_job
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig
 
@@ -193,6 +194,24 @@ def test_sigterm_checkpoints_exits_143_and_resumes(tmp_path: Path, tiny_model_di
     assert run.last_progress()["step"] == state["step"]  # checkpointed right after the step it was on
     result = run_job(work)
     assert result["resumed_from_step"] == state["step"] and result["steps"] == 100
+
+
+@pytest.mark.parametrize("asked_before", [1, 2, 3])  # stop asked for during the imports, the model load, the resume
+def test_a_stop_during_setup_takes_no_step(tmp_path: Path, tiny_model_dir: Path, asked_before: int) -> None:
+    work = tmp_path / "job"
+    jobs.write_job(work, base_model=tiny_model_dir, train_rows=ROWS, train=FAST,
+                   replay=ReplayConfig(buffer_size=0), ewc=EwcConfig(fisher_examples=0))
+    asked = []
+
+    def stop_requested() -> bool:
+        asked.append(True)
+        return len(asked) >= asked_before
+
+    with pytest.raises(Stopped, match="before training began"):
+        run_job(work, stop_requested=stop_requested)
+    assert jobs.read_progress(work) == [] and not (work / "checkpoint").exists()
+    result = run_job(work)  # the rerun starts afresh
+    assert result["resumed_from_step"] is None and result["steps"] == FAST.steps
 
 
 def test_a_changed_job_does_not_resume_a_stale_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
