@@ -59,7 +59,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     cfg, replay_cfg, ewc_cfg = job.train, job.replay, job.ewc
     started = time.perf_counter()
 
-    # ---- setup (SIGTERM is looked at between its slow parts: the imports, the model, the Fisher)
+    # ---- setup (a stop is looked at after its slow parts: the imports, the model load, the Fisher and resume)
     stop_if_requested()
     set_threads(cfg.threads)
     device = pick_device()

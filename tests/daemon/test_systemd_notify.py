@@ -101,7 +101,8 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
         assert started.status_code == 202, started.text
         cycle_id = started.json()["cycle"]
         assert client.post("/v1/cycles", json={}).status_code == 409  # one at a time
-        progress = state / "cycles" / str(cycle_id) / "train" / "progress.jsonl"
+        cycle_dir = state / "cycles" / str(cycle_id)
+        progress = cycle_dir / "train" / "progress.jsonl"
         deadline = time.monotonic() + 180
         while not (progress.exists() and progress.read_text()):  # a training step has been taken
             assert time.monotonic() < deadline, client.get(f"/v1/cycles/{cycle_id}").text
@@ -115,7 +116,6 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
           f"late (s after READY, gap): {late}")
     assert len(pings) >= 4 and max(gaps) < WATCHDOG_SECONDS  # every WatchdogSec/2, never as late as WatchdogSec
 
-    cycle_dir = state / "cycles" / str(cycle_id)
     pid_files = [cycle_dir / "worker.pid", cycle_dir / "training.pid"]  # the worker, and the trainer it started
     pids = [int(path.read_text()) for path in pid_files if path.exists()]
     assert len(pids) == 2 and all(_alive(pid) for pid in pids), "the cycle must be training"
