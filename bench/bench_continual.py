@@ -7,12 +7,18 @@ run in-process), the adapter merged into the parent, then the held-out loss (mea
 float32) of every domain on the merged model. The next stage starts from that merged model; the
 replay+EWC arm also hands on the replay buffer's members and the running Fisher.
 
-Both arms use the same steps, learning rate, rank, batch size and seed. Printed:
+Both arms use the same steps, learning rate, rank and seed, and train on the same number of new sequences
+per step (``--batch-size``); the replay+EWC arm adds ``--replayed`` sequences from its buffer on top, as
+Avalanche's ``ReplayPlugin`` does (its memory batch comes on top of ``train_mb_size``). Printed:
   * the loss matrix per arm (rows: domains; columns: before training, after each stage),
   * forgetting of each earlier domain = loss after the last stage - loss right after its own stage,
-  * gain on each domain during its stage = loss right before its own stage - loss right after it, and
-    since the foundation = loss before any training - loss right after its own stage (the level reached:
-    unlike the first, not lowered when an arm starts the stage better thanks to what it kept),
+  * gain on each domain since the foundation = loss before any training - loss right after its own stage:
+    the level an arm reaches on a new domain, from the start both arms share (the "learning accuracy" of
+    the continual-learning literature, the counterpart of intransigence). This is the gain the target is
+    on. Also printed, for information, the gain during its stage = loss right before its own stage - loss
+    right after it: an arm that forgot less enters a stage already lower on the new domain (what it kept
+    carries over), so the same level reached shows as a smaller gain there, and naive's includes
+    relearning what its previous stage made it lose,
   * the targets: replay+EWC's mean forgetting <= 40% of naive's; its gain on each domain >= 85% of naive's.
 
     .venv/bin/python bench/bench_continual.py --eval-bf16                        # both arms (~25 min, 1 thread)
@@ -23,6 +29,7 @@ Both arms use the same steps, learning rate, rank, batch size and seed. Printed:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -95,7 +102,9 @@ def run_arm(arm: str, args: argparse.Namespace, foundation: Path, splits: dict, 
     if arm == "naive":
         replay, ewc = ReplayConfig(buffer_size=0), EwcConfig(strength=0.0, fisher_examples=0)
     else:
-        replay = ReplayConfig(buffer_size=args.buffer, ratio=args.ratio, selection=args.selection)
+        # the learner's ratio is a share of the batch: new + replayed sequences, the replayed ones a share of it
+        replay = ReplayConfig(buffer_size=args.buffer, ratio=args.replayed / (args.batch_size + args.replayed),
+                              selection=args.selection)
         ewc = EwcConfig(
             strength=args.strength,
             gamma=args.gamma,
@@ -111,13 +120,14 @@ def run_arm(arm: str, args: argparse.Namespace, foundation: Path, splits: dict, 
     for k, domain in enumerate(args.domains):
         started = time.perf_counter()
         work = root / f"stage{k}-{domain}"
+        replayed = args.replayed if buffer and replay.enabled else 0  # nothing to replay in the first stage
         jobs.write_job(
             work,
             base_model=parent,
             train_rows=splits[domain],
             replay_rows=buffer,
             experience=k,
-            train=train,
+            train=dataclasses.replace(train, batch_size=args.batch_size + replayed),
             replay=replay,
             ewc=ewc,
             fisher_in=fisher,
@@ -186,7 +196,7 @@ def main() -> int:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-bf16", action="store_true", help="held-out losses under bf16 autocast (faster, less exact)")
     p.add_argument("--buffer", type=int, default=96, help="replay buffer size (replay+EWC arm)")
-    p.add_argument("--ratio", type=float, default=0.125, help="replayed share of each batch")
+    p.add_argument("--replayed", type=int, default=1, help="replayed sequences per step, on top of the new ones (replay+EWC arm)")
     p.add_argument("--selection", default="reservoir")
     p.add_argument("--strength", type=float, default=1e3, help="EWC lambda")
     p.add_argument("--gamma", type=float, default=0.9)
@@ -236,15 +246,13 @@ def main() -> int:
         print("\nreplay+EWC vs naive")
         print(f"  mean forgetting {mean_r:+.4f} vs {mean_n:+.4f}: {ratio:.0%} of naive's (target <= 40%) "
               f"{'PASS' if mean_n > 0 and ratio <= 0.40 else 'FAIL'}")
-        print(f"  {'gain on':28s} {'during its stage':>34s}   {'since the foundation':>34s}   (target >= 85% of naive's)")
+        print(f"  {'gain on':28s} {'since the foundation (target >= 85%)':>38s}   {'during its stage (for information)':>34s}")
         shares = {}
         for d in args.domains:
-            cells = []
-            for mine, theirs in ((gs_r[d], gs_n[d]), (gt_r[d], gt_n[d])):
-                share = mine / theirs if theirs > 0 else float("nan")
-                cells.append(f"{mine:+.4f} vs {theirs:+.4f} {share:5.0%} {'PASS' if share >= 0.85 else 'FAIL'}")
-                shares.setdefault(d, []).append(share)
-            print(f"  {d:28s} {cells[0]:>34s}   {cells[1]:>34s}")
+            total, stage = (mine / theirs if theirs > 0 else float("nan") for mine, theirs in ((gt_r[d], gt_n[d]), (gs_r[d], gs_n[d])))
+            shares[d] = (stage, total)
+            print(f"  {d:28s} {gt_r[d]:+.4f} vs {gt_n[d]:+.4f} {total:5.0%} {'PASS' if total >= 0.85 else 'FAIL'}"
+                  f"       {gs_r[d]:+.4f} vs {gs_n[d]:+.4f} {stage:5.0%}")
         # Why the two gain columns can differ: an arm that forgot less enters a stage with a lower loss on
         # the new domain, so the same level reached is a smaller gain "during its stage".
         ours, naive = results["arms"]["replay_ewc"]["matrix"], results["arms"]["naive"]["matrix"]
