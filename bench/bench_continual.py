@@ -170,6 +170,10 @@ def forgetting_and_gain(matrix: list[dict[str, float]], domains: list[str]) -> t
     return forgetting, gain_stage, gain_total
 
 
+def share_of(mine: float, theirs: float) -> float:
+    return mine / theirs if theirs > 0 else float("nan")
+
+
 def print_matrix(arm: str, matrix: list[dict[str, float]], domains: list[str]) -> None:
     heads = ["before"] + [f"after {d[:10]}" for d in domains]
     print(f"\n{arm}: held-out loss (NLL per answer token)")
@@ -249,7 +253,7 @@ def main() -> int:
         print(f"  {'gain on':28s} {'since the foundation (target >= 85%)':>38s}   {'during its stage (for information)':>34s}")
         shares = {}
         for d in args.domains:
-            total, stage = (mine / theirs if theirs > 0 else float("nan") for mine, theirs in ((gt_r[d], gt_n[d]), (gs_r[d], gs_n[d])))
+            total, stage = share_of(gt_r[d], gt_n[d]), share_of(gs_r[d], gs_n[d])
             shares[d] = (stage, total)
             print(f"  {d:28s} {gt_r[d]:+.4f} vs {gt_n[d]:+.4f} {total:5.0%} {'PASS' if total >= 0.85 else 'FAIL'}"
                   f"       {gs_r[d]:+.4f} vs {gs_n[d]:+.4f} {stage:5.0%}")
