@@ -96,7 +96,7 @@ INIT_DB = r"""
 import sys
 from selftune.daemon.context import Context
 ctx = Context.open(sys.argv[1])
-with ctx.store.transaction() as tx:
+with ctx.store.transaction(write=True) as tx:
     tx.branches.create("main")
 """
 

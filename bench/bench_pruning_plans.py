@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from selftune.daemon.probes import ANSWER_TOKENS, PROBE_PROMPTS
+from selftune.daemon.cycle.probes import ANSWER_TOKENS, PROBE_PROMPTS
 from selftune.learners import evaluate as ev
 from selftune.learners.lm import set_threads
 from selftune.learners.prune import prune_model

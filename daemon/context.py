@@ -12,7 +12,7 @@ from selftune.storage.artifacts import ArtifactStore
 from selftune.storage.db import make_engine, migrate, sqlite_url
 from selftune.storage.repositories import Store
 
-from .config import config_path, default_config_text, load_config, resolve_state_dir
+from selftune.daemon.config import config_path, default_config_text, load_config, resolve_state_dir
 
 
 @dataclass

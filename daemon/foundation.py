@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from selftune.policies.records import Generation
+from selftune.policies.records import CHAMPION, FOUNDATION_ID, MAIN_BRANCH, Generation
 
-from .context import Context
-
-FOUNDATION_ID = 0
-MAIN_BRANCH = "main"
+from selftune.daemon.context import Context
 
 
 def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, bool]:
@@ -31,7 +28,7 @@ def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, b
         artifacts.write(FOUNDATION_ID, lambda directory: materialise(source, directory),
                         {"parent": None, "branch": MAIN_BRANCH, "kind": "foundation"})
     manifest = artifacts.verify(FOUNDATION_ID)
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         tx.branches.create(MAIN_BRANCH)
         generation = tx.generations.add(
             id=FOUNDATION_ID, parent_id=None, branch=MAIN_BRANCH, status="promoted",
@@ -39,5 +36,5 @@ def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, b
             params=manifest["params"], metrics={"foundation": source},
         )
         tx.branches.set_root(MAIN_BRANCH, FOUNDATION_ID)
-        tx.aliases.set(MAIN_BRANCH, "champion", FOUNDATION_ID)
+        tx.aliases.set(MAIN_BRANCH, CHAMPION, FOUNDATION_ID)
     return generation, True

@@ -8,7 +8,7 @@ from selftune.policies.config import BRANCH_NAME
 from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
 from selftune.policies.records import Branch, Generation, ReplayMember
 
-from .context import Context
+from selftune.daemon.context import Context
 
 
 def make_champion(tx: Any, branch: str, generation_id: int, replay_buffer: list[int]) -> None:
@@ -25,7 +25,7 @@ def make_champion(tx: Any, branch: str, generation_id: int, replay_buffer: list[
 
 def promote(context: Context, generation_id: int) -> Generation:
     """Make a candidate (or an earlier champion) the champion of its branch."""
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         generation = tx.generations.get(generation_id)
         if generation.status in ("rejected", "failed"):
             raise ConflictError(f"generation {generation_id} was {generation.status} by its gates: "
@@ -37,7 +37,7 @@ def promote(context: Context, generation_id: int) -> Generation:
 
 def rollback(context: Context, branch: str) -> Generation:
     """Move the branch's champion back to the champion's parent."""
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         current = tx.aliases.get(branch, "champion")
         if current is None:
             raise NotFoundError(f"branch {branch!r} has no champion to roll back")
@@ -53,7 +53,7 @@ def create_branch(context: Context, name: str, from_generation: int, domain: str
     """Fork a specialised line at a generation: its champion starts there and it inherits the replay buffer."""
     if not BRANCH_NAME.match(name):
         raise InvalidRecordError(f"branch name {name!r}: use lowercase letters, digits, '-' and '_' (at most 63)")
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         source = tx.generations.get(from_generation)
         if source.status in ("rejected", "failed"):
             raise ConflictError(f"generation {from_generation} is {source.status}: fork from a promoted one")
@@ -68,5 +68,5 @@ def create_branch(context: Context, name: str, from_generation: int, domain: str
 
 def domain_routes(context: Context) -> dict[str, str]:
     """Which branch each declared domain goes to (rows of other domains go to the default branch)."""
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         return {b.domain: b.name for b in tx.branches.list() if b.domain}

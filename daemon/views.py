@@ -8,7 +8,7 @@ from typing import Any
 
 from selftune.policies.records import Feedback, Interaction
 
-from .context import Context
+from selftune.daemon.context import Context
 
 
 def generations_view(context: Context) -> list[dict[str, Any]]:
@@ -45,9 +45,9 @@ def cycle_view(context: Context, cycle_id: int) -> dict[str, Any]:
     ``status`` is the outcome ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
     or "running"; ``gates`` are ``{"name", "passed", "value", "threshold", "margin", "reason"}``.
     """
-    from .cycle import cycle_dir
+    from selftune.daemon.cycle.control import cycle_dir
 
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
         events = tx.cycles.events(cycle_id)
     directory = cycle_dir(context, cycle_id)
@@ -95,7 +95,7 @@ def interaction_view(item: Interaction, feedback: list[Feedback] | None = None) 
 
 def generation_detail(context: Context, generation_id: int) -> dict[str, Any]:
     """One generation as in ``generations_view``, plus its metrics, creation time and cycle."""
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         generation = tx.generations.get(generation_id)
     row = next(r for r in generations_view(context) if r["id"] == generation_id)
     return {**row, "cycle": generation.cycle_id, "created_at": _time(generation.created_at),

@@ -13,7 +13,15 @@ FeedbackKind = Literal["thumbs", "score", "correction", "preference"]
 FEEDBACK_KINDS: tuple[str, ...] = ("thumbs", "score", "correction", "preference")
 GenerationStatus = Literal["candidate", "promoted", "rejected", "failed"]
 GENERATION_STATUSES: tuple[str, ...] = ("candidate", "promoted", "rejected", "failed")
-ALIASES: tuple[str, ...] = ("champion", "challenger")
+CHAMPION = "champion"
+"""The alias of the generation that serves a branch."""
+CHALLENGER = "challenger"
+"""The alias of a candidate that passed its gates and waits for approval."""
+ALIASES: tuple[str, ...] = (CHAMPION, CHALLENGER)
+FOUNDATION_ID = 0
+"""Generation 0: the foundation, the root of every lineage."""
+MAIN_BRANCH = "main"
+"""The generalist line that ``init`` creates."""
 TokenScope = Literal["ingest", "admin"]
 TOKEN_SCOPES: tuple[str, ...] = ("ingest", "admin")
 

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 BEGIN_MODE = "selftune_sqlite_begin"
-"""Execution option naming how a SQLite transaction begins: "DEFERRED" (default) or "IMMEDIATE"."""
-SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+"""Execution option naming how a SQLite transaction begins: "DEFERRED" (default), "IMMEDIATE" (a writer,
+which takes the write lock up front) or "READ" (deferred, with writes refused by ``query_only``)."""
+SQLITE_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "EXCLUSIVE", "READ")
 SQLITE_CACHE_KIB = 32 * 1024
 """Page cache per SQLite connection (default 2 MiB). The dedupe index takes random inserts; when its
 pages stay cached, a 200k-row ingest writes much less (measured 20k -> 27-30k rows/s)."""
@@ -73,7 +74,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         mode = connection.get_execution_options().get(BEGIN_MODE, "DEFERRED")
         if mode not in SQLITE_BEGIN_MODES:
             raise ValueError(f"{BEGIN_MODE}={mode!r}: use one of {', '.join(SQLITE_BEGIN_MODES)}")
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        # query_only is per connection, and pooled connections are reused: set it on every BEGIN.
+        connection.exec_driver_sql(f"PRAGMA query_only = {int(mode == 'READ')}")
+        connection.exec_driver_sql("BEGIN DEFERRED" if mode == "READ" else f"BEGIN {mode}")
 
 
 def alembic_config(engine: Engine | None = None) -> Config:

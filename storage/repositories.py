@@ -3,7 +3,7 @@
 Use them through a unit of work, one database transaction::
 
     store = Store(make_engine(url))
-    with store.transaction() as uow:          # commits on success, rolls back on any exception
+    with store.transaction(write=True) as uow:  # commits on success, rolls back on any exception
         result = uow.interactions.add_batch(rows)
 
 Every timestamp a repository writes comes from the store's ``clock`` (UTC, timezone-aware), never from
@@ -84,18 +84,22 @@ class Store:
         self.clock = clock
 
     @contextmanager
-    def transaction(self, *, read_only: bool = False) -> Iterator[UnitOfWork]:
-        """One transaction: committed when the block ends, rolled back if it raises.
+    def transaction(self, *, write: bool = False) -> Iterator[UnitOfWork]:
+        """One transaction: committed when the block ends, rolled back if it raises. Read-only unless ``write``.
 
-        On SQLite a writing transaction starts with ``BEGIN IMMEDIATE``: it waits (busy timeout) for
-        the write lock up front, so it cannot fail half way with "database is locked" when another
-        writer got there between its reads and its writes. ``read_only=True`` is for reading: a
-        deferred BEGIN that takes no write lock, so it never waits for (or blocks) a writer.
+        A read takes no write lock, so it never waits for (or blocks) a writer; the database refuses
+        any write inside it (SQLite ``query_only``, PostgreSQL ``READ ONLY``), so a caller that forgot
+        ``write=True`` fails loudly instead of taking the lock by accident. On SQLite a writing
+        transaction starts with ``BEGIN IMMEDIATE``: it waits (busy timeout) for the write lock up
+        front, so it cannot fail half way with "database is locked" when another writer got there
+        between its reads and its writes.
         """
         with self.engine.connect() as connection:
             if connection.dialect.name == "sqlite":
-                connection.execution_options(**{BEGIN_MODE: "DEFERRED" if read_only else "IMMEDIATE"})
+                connection.execution_options(**{BEGIN_MODE: "IMMEDIATE" if write else "READ"})
             with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SET TRANSACTION {'READ WRITE' if write else 'READ ONLY'}")
                 yield UnitOfWork(connection, self.clock)
 
 

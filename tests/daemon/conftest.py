@@ -44,7 +44,7 @@ def create_token(state: Path, scope: str) -> str:
     from selftune.daemon.context import Context
 
     context = Context.open(str(state))
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         _, secret = tx.tokens.create(f"test-{scope}", scope)
     context.store.engine.dispose()
     return secret

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from selftune.daemon.api import create_app
+from selftune.daemon.http.app import create_app
 from selftune.daemon.context import Context
 
 PROBLEM = "application/problem+json"
@@ -100,7 +100,7 @@ def test_a_revoked_token_is_refused_at_once(client: TestClient, context: Context
     secret = token_for(state, "ingest")
     headers = {"Authorization": f"Bearer {secret}"}
     assert client.post("/v1/interactions", json={**ROW, "id": "revoke-me"}, headers=headers).status_code == 200
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         token = next(t for t in tx.tokens.list() if tx.tokens.verify(secret) and t.id == tx.tokens.verify(secret).id)
         tx.tokens.revoke(token.id)
     assert_problem(client.post("/v1/interactions", json=ROW, headers=headers), 401)
@@ -325,11 +325,11 @@ def add_generation(context: Context, tiny_model_dir: Path, seed: int, report: st
             (directory / "report.html").write_text(report)
         return {"params": sum(p.numel() for p in model.parameters())}
 
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         generation_id = max(g.id for g in tx.generations.list()) + 1
     context.artifacts.write(generation_id, fill, {"parent": 0, "branch": "main"})
     manifest = context.artifacts.verify(generation_id)
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         tx.generations.add("main", str(context.artifacts.root / str(generation_id)), manifest["checksum"],
                            manifest["params"], parent_id=0, status="candidate", id=generation_id)
     return generation_id

@@ -102,7 +102,7 @@ def test_a_pruned_generation_is_healed_smaller_and_loads_in_a_fresh_process(stat
 
 def crash_at(state: Path, step: str) -> int:
     """Start a cycle whose worker kills itself (SIGKILL) as ``step`` begins; wait until it is dead."""
-    from selftune.daemon.cycle import worker_alive
+    from selftune.daemon.cycle.control import worker_alive
 
     started = json.loads(selftune(state, "cycle", "--json", env={"SELFTUNE_CRASH_AT": step}).stdout)
     context = Context.open(str(state))

@@ -18,10 +18,10 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from selftune.daemon import cli
-from selftune.daemon.cli_report import report as report_command
+from selftune.daemon.cli import main as cli
+from selftune.daemon.cli.report import report as report_command
 from selftune.daemon.context import Context
-from selftune.daemon.report import (
+from selftune.daemon.reports.report import (
     build_report,
     forgetting_rows,
     lineage_rows,
@@ -266,7 +266,7 @@ def state(tmp_path: Path) -> Path:
     for generation_id, parent, branch, status in ((1, 0, "main", "promoted"), (2, 1, "chem", "rejected")):
         document = {**manifest(status), "parent": parent, "branch": branch}
         artifacts.write(generation_id, lambda d, g=generation_id, m=document: write_reports(d, g, m, suites()), document)
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         tx.branches.create("main")
         tx.generations.add("main", str(artifacts.root / "0"), "c0", 1000, status="promoted", id=0)
         tx.generations.add("main", str(artifacts.root / "1"), "c1", 900, parent_id=0, status="promoted",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from selftune.daemon.context import Context
-from selftune.daemon.scheduler import CHECK_JOB, CRON_JOB, INTERVAL_JOB, CycleScheduler, new_interactions_due
+from selftune.daemon.service.scheduler import CHECK_JOB, CRON_JOB, INTERVAL_JOB, CycleScheduler, new_interactions_due
 from selftune.policies.config import ScheduleConfig
 from selftune.policies.errors import ConfigError
 from selftune.policies.records import InteractionIn, Message
@@ -51,7 +51,7 @@ def stored_jobs(state: Path) -> dict[str, Any]:
 def add_interactions(context: Context, count: int, tag: str) -> None:
     rows = [InteractionIn((Message("user", f"{tag} {i}"), Message("assistant", "ok")), branch="main")
             for i in range(count)]
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         tx.interactions.add_batch(rows)
 
 
@@ -67,9 +67,9 @@ def test_jobs_are_stored_in_the_database_with_explicit_ids_and_options(make_stat
         assert job["misfire_grace_time"] == 900
         assert str(job["trigger"].timezone) == "UTC"
         assert all(isinstance(arg, str | int) for arg in job["args"])  # primitive arguments only
-    assert jobs[CRON_JOB]["func"] == "selftune.daemon.scheduler:run_scheduled" and jobs[CRON_JOB]["args"] == ("cron",)
+    assert jobs[CRON_JOB]["func"] == "selftune.daemon.service.scheduler:run_scheduled" and jobs[CRON_JOB]["args"] == ("cron",)
     assert jobs[INTERVAL_JOB]["args"] == ("interval",)
-    assert jobs[CHECK_JOB]["func"] == "selftune.daemon.scheduler:run_trigger_check"
+    assert jobs[CHECK_JOB]["func"] == "selftune.daemon.service.scheduler:run_trigger_check"
     assert str(jobs[CRON_JOB]["trigger"]) == "cron[month='*', day='*', day_of_week='*', hour='3', minute='0']"
     assert jobs[CHECK_JOB]["trigger"].interval.total_seconds() == 7
 
@@ -96,20 +96,20 @@ def test_new_interactions_since_the_last_cycle_and_the_champion_cutoff(make_stat
     assert new_interactions_due(context, "main", 5)
     assert not new_interactions_due(context, "main", 0)  # 0 switches the trigger off
     assert not new_interactions_due(context, "nope", 1)  # a branch without a champion never triggers
-    with context.store.transaction() as tx:  # a cycle ran (whatever its outcome): its data is not new anymore
+    with context.store.transaction(write=True) as tx:  # a cycle ran (whatever its outcome): its data is not new anymore
         cycle = tx.cycles.create("main", "select", parent_generation_id=0)
         tx.cycles.finish(cycle.id, "rejected")
     assert not new_interactions_due(context, "main", 1)
     add_interactions(context, 5, "after the cycle")
     assert new_interactions_due(context, "main", 5) and not new_interactions_due(context, "main", 6)
-    with context.store.transaction() as tx:  # the champion has learned from everything up to the newest row
+    with context.store.transaction(write=True) as tx:  # the champion has learned from everything up to the newest row
         newest = tx.interactions.max_id("main")
         tx.generations.update(0, metrics={"cutoff": {"main": newest}})
     assert not new_interactions_due(context, "main", 1)
 
 
 def test_check_starts_a_due_branch_once_and_never_two_cycles(make_state: Callable[..., Path]) -> None:
-    from selftune.daemon.cycle import running_cycle, worker_alive
+    from selftune.daemon.cycle.control import running_cycle, worker_alive
 
     context = with_schedule(Context.open(str(make_state())), min_new_interactions=0)
     scheduler = CycleScheduler(context)
@@ -122,7 +122,7 @@ def test_check_starts_a_due_branch_once_and_never_two_cycles(make_state: Callabl
         scheduler.mark_all_due("interval")
         assert scheduler.check() is None  # one cycle at a time: main stays due until this one ends
         assert list(scheduler.due) == ["main"]
-        with context.store.transaction(read_only=True) as tx:
+        with context.store.transaction() as tx:
             created = [e for e in tx.cycles.events(started.id) if e.step == "created"]
         assert created[0].detail["trigger"] == "cron"
     finally:
@@ -131,7 +131,7 @@ def test_check_starts_a_due_branch_once_and_never_two_cycles(make_state: Callabl
             time.sleep(0.2)
         while worker_alive(context, started.id) and time.monotonic() < deadline:
             time.sleep(0.2)
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         assert tx.cycles.get(started.id).outcome == "skipped"
 
 

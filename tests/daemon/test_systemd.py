@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from selftune.daemon.serve import JournalFormatter
-from selftune.daemon.systemd import Notifier
+from selftune.daemon.service.lifecycle import JournalFormatter
+from selftune.daemon.service.systemd import Notifier
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "selftune.service"
 INSTALLED_PATH = "/opt/selftune/.venv/bin/selftune"

@@ -134,6 +134,6 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
 
     from selftune.daemon.context import Context
 
-    with Context.open(str(state)).store.transaction(read_only=True) as tx:
+    with Context.open(str(state)).store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
     assert cycle.outcome == "cancelled" and cycle.finished_at is not None

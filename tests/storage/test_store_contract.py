@@ -42,7 +42,7 @@ def row_count(store: Store, table: object) -> int:
 
 def add_lineage(store: Store) -> None:
     """Branch main with generation 0 (the foundation) and two children of it."""
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.branches.create("main")
         uow.generations.add("main", "gens/0", "sha-0", 135_000_000, status="promoted")
         uow.branches.set_root("main", 0)
@@ -73,10 +73,10 @@ def test_migrations_create_exactly_the_models(engine: Engine) -> None:
 
 def test_add_batch_counts_accepted_and_duplicates_across_and_within_batches(store: Store) -> None:
     first = [chat("a"), chat("b"), chat("a"), chat("c", external_id="x1"), chat("other", external_id="x1")]
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         assert uow.interactions.add_batch(first) == IngestResult(accepted=3, duplicates=2)
         assert uow.interactions.add_batch([]) == IngestResult()
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         result = uow.interactions.add_batch([chat("b"), chat("d"), chat("a", branch="fork")])
     # "b" is known to main; "a" is new to branch fork: dedupe is per branch.
     assert (result.accepted, result.duplicates) == (2, 1)
@@ -85,13 +85,13 @@ def test_add_batch_counts_accepted_and_duplicates_across_and_within_batches(stor
 
 def test_reingest_is_idempotent_by_external_id_and_by_content_hash(store: Store) -> None:
     rows = [chat(f"q{i}", external_id=f"id-{i}") for i in range(5)] + [chat(f"plain {i}") for i in range(5)]
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         assert uow.interactions.add_batch(rows).accepted == 10
     edited = [chat(f"edited {i}", external_id=f"id-{i}") for i in range(5)]  # same ids, new content
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         again = uow.interactions.add_batch(rows) + uow.interactions.add_batch(edited)
     assert (again.accepted, again.duplicates) == (0, 15)
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         found = uow.interactions.find_by_external_id("main", "id-3")
         assert found is not None and found.prompt == "q3"  # the first version stays
         assert uow.interactions.find_by_external_id("main", "nope") is None
@@ -108,9 +108,9 @@ def test_interactions_round_trip_every_field_with_utc_times(store: Store) -> Non
         source="file",
         metadata={"lang": "fr", "n": 3},
     )
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch([row])
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         (got,) = uow.interactions.list()
         assert uow.interactions.get(got.id) == got
         with pytest.raises(NotFoundError, match="interaction 999 "):
@@ -123,9 +123,9 @@ def test_interactions_round_trip_every_field_with_utc_times(store: Store) -> Non
 
 def test_list_paginates_by_id_and_filters(store: Store) -> None:
     rows = [chat(f"q{i}", branch="main" if i % 3 else "fork", domain="even" if i % 2 == 0 else None) for i in range(25)]
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch(rows)
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         everything = uow.interactions.list(limit=1000)
         pages, after = [], None
         while page := uow.interactions.list(after_id=after, limit=10):
@@ -150,18 +150,18 @@ def test_list_paginates_by_id_and_filters(store: Store) -> None:
 
 
 def test_feedback_attaches_to_existing_interactions_only(store: Store) -> None:
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch([chat("q")])
         (row,) = uow.interactions.list()
         added = uow.feedback.add(row.id, FeedbackIn("preference", chosen="good", rejected="bad"))
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         assert uow.feedback.for_interaction(row.id) == [added]
         assert uow.feedback.for_interactions([row.id, 12345]) == {row.id: [added]}
     with pytest.raises(NotFoundError, match="interaction 12345 "):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.feedback.add(12345, FeedbackIn("thumbs", thumbs_up=False))
     with pytest.raises(InvalidRecordError, match="'stars'"):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.feedback.add(row.id, FeedbackIn("stars", score=5))
     assert row_count(store, m.feedback) == 1
 
@@ -169,7 +169,7 @@ def test_feedback_attaches_to_existing_interactions_only(store: Store) -> None:
 def test_batch_feedback_is_stored_for_accepted_rows_only_and_cascades(store: Store) -> None:
     liked = chat("q1", feedback=(FeedbackIn("thumbs", thumbs_up=True), FeedbackIn("score", score=0.5)))
     again = chat("q1", feedback=(FeedbackIn("thumbs", thumbs_up=False),))  # a duplicate: its feedback is dropped
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch([liked, again, chat("q2")])
         uow.interactions.add_batch([again])
         (first, _) = uow.interactions.list()
@@ -186,7 +186,7 @@ def test_batch_feedback_is_stored_for_accepted_rows_only_and_cascades(store: Sto
 
 def test_generations_form_a_tree(store: Store) -> None:
     add_lineage(store)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         assert [g.id for g in uow.generations.children(0)] == [1, 2]
         assert uow.generations.children(1) == []
         assert [g.id for g in uow.generations.ancestors(2)] == [2, 0]
@@ -199,7 +199,7 @@ def test_generations_form_a_tree(store: Store) -> None:
         assert [g.id for g in uow.generations.list(branch="legal")] == [3]
         assert [g.id for g in uow.generations.list()] == [0, 1, 2, 3]
         assert [b.name for b in uow.branches.list()] == ["legal", "main"]
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         with pytest.raises(NotFoundError, match="parent generation 42 "):
             uow.generations.add("main", "p", "c", 1, parent_id=42)
         with pytest.raises(NotFoundError, match="'nowhere'"):
@@ -216,20 +216,20 @@ def test_generations_form_a_tree(store: Store) -> None:
 
 def test_alias_moves_atomically_and_keeps_its_place_on_failure(store: Store) -> None:
     add_lineage(store)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         first = uow.aliases.set("main", "champion", 0)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         moved = uow.aliases.set("main", "champion", 2)
         uow.aliases.set("main", "challenger", 1)
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         assert uow.aliases.get("main", "champion") == moved
         assert moved.generation_id == 2 and moved.updated_at > first.updated_at
         assert [(a.name, a.generation_id) for a in uow.aliases.list()] == [("challenger", 1), ("champion", 2)]
         assert uow.aliases.get("main", "nothing") is None
     with pytest.raises(NotFoundError, match="generation 99 "):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.aliases.set("main", "champion", 99)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         assert uow.aliases.get("main", "champion") == moved
         assert uow.aliases.remove("main", "challenger") and not uow.aliases.remove("main", "challenger")
 
@@ -239,7 +239,7 @@ def test_alias_moves_atomically_and_keeps_its_place_on_failure(store: Store) -> 
 
 def test_cycles_record_state_and_events(store: Store) -> None:
     add_lineage(store)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         cycle = uow.cycles.create("main", "select", parent_generation_id=0)
         uow.cycles.set_state(cycle.id, "train")
         started = uow.cycles.add_event(cycle.id, "select", "running")
@@ -248,7 +248,7 @@ def test_cycles_record_state_and_events(store: Store) -> None:
         assert [c.id for c in uow.cycles.list(unfinished_only=True)] == [cycle.id]
         uow.cycles.set_generation(cycle.id, 2)
         done = uow.cycles.finish(cycle.id, "promoted", state="done")
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         assert uow.cycles.get(cycle.id) == done
         events = uow.cycles.events(cycle.id)
         assert uow.cycles.list(unfinished_only=True) == []
@@ -258,26 +258,26 @@ def test_cycles_record_state_and_events(store: Store) -> None:
     assert steps == [("select", "ok", {"rows": 120}), ("train", "ok", {"loss": 2.0})]
     assert events[0].finished_at is not None and events[0].finished_at > events[0].started_at
     with pytest.raises(ConflictError, match=f"cycle {cycle.id} is finished"):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.cycles.finish(cycle.id, "failed")
     with pytest.raises(NotFoundError, match="cycle 404 "):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.cycles.add_event(404, "select", "ok")
 
 
 def test_replay_membership(store: Store) -> None:
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch([chat(f"q{i}") for i in range(4)])
         ids = [i.id for i in uow.interactions.list()]
         uow.replay.add_many([ReplayMember("main", i, experience=1, priority=0.1) for i in ids[:3]])
         uow.replay.add_many([ReplayMember("main", ids[0], experience=2, priority=0.9), ReplayMember("fork", ids[3], 2)])
         assert uow.replay.remove("main", [ids[1], 12345]) == 1
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         members = uow.replay.members("main")
         assert members == [ReplayMember("main", ids[0], 2, 0.9), ReplayMember("main", ids[2], 1, 0.1)]
         assert uow.replay.count("fork") == 1
     with pytest.raises(NotFoundError, match="12345"):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.replay.add_many([ReplayMember("main", 12345, 1)])
 
 
@@ -285,14 +285,14 @@ def test_replay_membership(store: Store) -> None:
 
 
 def test_tokens_are_stored_hashed_verify_and_revoke(store: Store) -> None:
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         token, secret = uow.tokens.create("ci", "ingest")
         other, other_secret = uow.tokens.create("ops", "admin")
     assert secret != other_secret and len(secret) > 40
     with store.engine.connect() as connection:
         stored = [tuple(str(v) for v in row) for row in connection.execute(select(m.api_tokens))]
     assert not any(secret in value or other_secret in value for row in stored for value in row)
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         assert uow.tokens.verify(secret) == token
         assert uow.tokens.verify(secret + "x") is None and uow.tokens.verify("") is None
         revoked = uow.tokens.revoke(token.id)
@@ -312,7 +312,7 @@ def test_tokens_are_stored_hashed_verify_and_revoke(store: Store) -> None:
 
 def test_a_failing_transaction_writes_nothing(store: Store) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             uow.branches.create("main")
             uow.interactions.add_batch([chat("q", feedback=(FeedbackIn("thumbs", thumbs_up=True),))])
             uow.tokens.create("ci", "ingest")
@@ -325,17 +325,17 @@ def test_a_released_savepoint_is_still_part_of_the_transaction(store: Store) -> 
     # With the sqlite3 driver's own transaction handling, a SAVEPOINT issued first opened a transaction of
     # its own, which its RELEASE committed: the outer rollback then left these rows behind.
     with pytest.raises(RuntimeError):
-        with store.transaction() as uow:
+        with store.transaction(write=True) as uow:
             with uow.savepoint():
                 uow.interactions.add_batch([chat("kept?")])
             raise RuntimeError("roll back everything")
     assert row_count(store, m.interactions) == 0
-    with store.transaction() as uow:
+    with store.transaction(write=True) as uow:
         uow.interactions.add_batch([chat("kept")])
         with pytest.raises(RuntimeError), uow.savepoint():
             uow.interactions.add_batch([chat("undone")])
             raise RuntimeError("undo the savepoint only")
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         assert [i.prompt for i in uow.interactions.list()] == ["kept"]
 
 
@@ -345,7 +345,7 @@ def test_concurrent_ingests_of_the_same_rows_count_each_row_once(store: Store) -
 
     def ingest() -> None:
         for start in range(0, len(rows), 50):
-            with store.transaction() as uow:
+            with store.transaction(write=True) as uow:
                 results.append(uow.interactions.add_batch(rows[start : start + 50]))
 
     workers = [threading.Thread(target=ingest) for _ in range(3)]
@@ -355,6 +355,6 @@ def test_concurrent_ingests_of_the_same_rows_count_each_row_once(store: Store) -
         worker.join(timeout=60)
     total = sum(results, IngestResult())
     assert len(results) == 12 and (total.accepted, total.duplicates) == (200, 400)
-    with store.transaction(read_only=True) as uow:
+    with store.transaction() as uow:
         ids = [i.id for i in uow.interactions.since("main")]
     assert len(ids) == 200 and ids == sorted(ids)

@@ -23,8 +23,8 @@ from typing import Any
 
 from selftune.policies.errors import InvalidRecordError, NotFoundError
 
-from .context import Context
-from .metrics import Metrics
+from selftune.daemon.context import Context
+from selftune.daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
@@ -209,7 +209,7 @@ class ChampionPool:
 
     def champion_id(self, branch: str) -> int:
         """The generation the branch's champion alias names now; ``NotFoundError`` naming the fix if none."""
-        with self.context.store.transaction(read_only=True) as tx:
+        with self.context.store.transaction() as tx:
             alias = tx.aliases.get(branch, CHAMPION)
             if alias is None:
                 known = [b.name for b in tx.branches.list()]

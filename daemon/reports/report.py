@@ -25,10 +25,8 @@ from selftune.policies.errors import InvalidRecordError, NotFoundError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .context import Context
+    from selftune.daemon.context import Context
 
-REPORT_FILES = {"html": "report.html", "md": "report.md", "json": "report.json"}
-"""The report formats, by name, and the file each lives in inside a generation's directory."""
 REPORT_URL = "/v1/generations/{id}/report"
 """Where the HTTP API serves a generation's HTML report; the lineage page links there by default."""
 CURVES = (("loss", "training loss"), ("ewc_penalty", "EWC penalty"), ("tokens_per_s", "throughput (tokens/s)"))
@@ -400,10 +398,10 @@ def render_lineage_html(rows: list[dict[str, Any]], report_url: str = REPORT_URL
 
 def lineage_rows(context: Context) -> list[dict[str, Any]]:
     """``generations_view`` rows with each generation's key metrics (parent -> child) and creation time."""
-    from .views import generations_view
+    from selftune.daemon.views import generations_view
 
     rows = generations_view(context)
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         generations = {g.id: g for g in tx.generations.list()}
     for row in rows:
         generation = generations.get(row["id"])
@@ -445,26 +443,13 @@ def _subtree(row: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, An
 # -- finding a report -----------------------------------------------------------------------------------
 
 
-def report_file(context: Context, generation_id: int, fmt: str) -> Path:
-    """The path of a generation's report in format ``fmt`` (html, md or json), after checking it exists."""
-    if fmt not in REPORT_FILES:
-        raise InvalidRecordError(f"report format {fmt!r}: use one of {', '.join(REPORT_FILES)}")
-    with context.store.transaction(read_only=True) as tx:
-        tx.generations.get(generation_id)  # an unknown id fails here, naming it
-    path = context.artifacts.path(generation_id) / REPORT_FILES[fmt]
-    if not path.is_file():
-        raise NotFoundError(f"generation {generation_id} has no {path.name}: reports are written with each trained "
-                            "generation; generation 0 (the foundation) has none")
-    return path
-
-
 # -- helpers --------------------------------------------------------------------------------------------
 
 
 @cache
 def _templates() -> jinja2.Environment:
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("selftune.daemon", "templates"),
+        loader=jinja2.PackageLoader("selftune.daemon.reports", "templates"),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=True),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined,
     )

@@ -24,11 +24,11 @@ from selftune.policies.gates import GateResult, SuiteMetrics, evaluate_gates, pr
 from selftune.policies.records import Cycle, Generation, Interaction, Message
 from selftune.policies.selection import golden_prompts, select_training_data
 
-from .context import Context
-from .cycle import cycle_dir
-from .lineage import make_champion
-from .probes import foundation_probe, foundation_probe_loss, foundation_rehearsal
-from .views import generations_view
+from selftune.daemon.context import Context
+from selftune.daemon.cycle.control import cycle_dir
+from selftune.daemon.lineage import make_champion
+from selftune.daemon.cycle.probes import foundation_probe, foundation_probe_loss, foundation_rehearsal
+from selftune.daemon.views import generations_view
 
 CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
@@ -94,7 +94,7 @@ def select(work: Work) -> dict[str, Any]:
     """New interactions of the branch since the parent's cutoff, filtered and split; plus replay rows."""
     config = work.context.config
     cutoff = work.parent.metrics.get("cutoff", {}).get(work.cycle.branch, 0)
-    with work.context.store.transaction(read_only=True) as tx:
+    with work.context.store.transaction() as tx:
         interactions = list(tx.interactions.since(work.cycle.branch, cutoff))
         feedback = [f for fs in tx.feedback.for_interactions([i.id for i in interactions]).values() for f in fs]
     selection = select_training_data(interactions, feedback, config.selection)
@@ -117,7 +117,7 @@ def select(work: Work) -> dict[str, Any]:
 
 def replay(work: Work) -> dict[str, Any]:
     """The replay pool: the branch's buffer of earlier training rows, and the foundation's rehearsal rows."""
-    with work.context.store.transaction(read_only=True) as tx:
+    with work.context.store.transaction() as tx:
         members = tx.replay.members(work.cycle.branch)
         rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
                  "priority": m.priority} for m in members]
@@ -281,7 +281,7 @@ def gate(work: Work) -> dict[str, Any]:
 
 def package(work: Work) -> dict[str, Any]:
     """Write the generation directory (model, adapter, Fisher, reports, manifest), renamed into place."""
-    from .report import write_reports
+    from selftune.daemon.reports.report import write_reports
 
     generation_id = _reserved_generation_id(work)
     artifacts = work.context.artifacts
@@ -309,7 +309,7 @@ def promote(work: Work) -> dict[str, Any]:
     manifest = work.context.artifacts.verify(generation_id, deep=False)
     verdict = work.read("gate.json")
     branch = work.cycle.branch
-    with work.context.store.transaction() as tx:
+    with work.context.store.transaction(write=True) as tx:
         if tx.generations.find(generation_id) is None:
             tx.generations.add(branch, str(work.context.artifacts.root / str(generation_id)), manifest["checksum"],
                                manifest["params"], parent_id=work.parent.id, status=verdict["status"],
@@ -333,12 +333,12 @@ STEP_FUNCTIONS: dict[str, Callable[[Work], dict[str, Any]]] = {
 
 def run_cycle(context: Context, cycle_id: int) -> Cycle:
     """Run (or resume) the cycle from the step its row names, recording each step's outcome and timing."""
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
         parent = tx.generations.get(cycle.parent_generation_id)
     work = Work(context, cycle, parent)
     work.dir.mkdir(parents=True, exist_ok=True)
-    with context.store.transaction() as tx:  # steps a crash cut short are re-run below; close their records
+    with context.store.transaction(write=True) as tx:  # steps a crash cut short are re-run below; close their records
         for event in tx.cycles.events(cycle_id):
             if event.outcome == "running":
                 tx.cycles.finish_event(event.id, "interrupted")
@@ -350,14 +350,14 @@ def run_cycle(context: Context, cycle_id: int) -> Cycle:
         if step == "select" and not detail["proceed"]:
             return _finish(context, cycle_id, "skipped", detail["reason"])
         next_step = STEPS[STEPS.index(step) + 1] if step != STEPS[-1] else "done"
-        with context.store.transaction() as tx:
+        with context.store.transaction(write=True) as tx:
             tx.cycles.set_state(cycle_id, next_step)
     return _finish(context, cycle_id, work.read("gate.json")["status"], None)
 
 
 def _recorded(work: Work, step: str) -> dict[str, Any]:
     started = time.time()
-    with work.context.store.transaction() as tx:
+    with work.context.store.transaction(write=True) as tx:
         event = tx.cycles.add_event(work.cycle.id, step, "running")
     if os.environ.get(CRASH_AT) == step:  # failpoint for the crash tests: a real kill -9, here
         os.kill(os.getpid(), signal.SIGKILL)
@@ -374,12 +374,12 @@ def _recorded(work: Work, step: str) -> dict[str, Any]:
 
 
 def _close_event(work: Work, event_id: int, outcome: str, detail: dict[str, Any]) -> None:
-    with work.context.store.transaction() as tx:
+    with work.context.store.transaction(write=True) as tx:
         tx.cycles.finish_event(event_id, outcome, json.loads(json.dumps(detail, default=str)))
 
 
 def _finish(context: Context, cycle_id: int, outcome: str, error: str | None, gate: GateResult | None = None) -> Cycle:
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         if gate is not None:
             tx.cycles.add_event(cycle_id, "gate", "rejected", detail={"gates": [gate.to_dict()]})
         cycle = tx.cycles.finish(cycle_id, outcome, error, state="done")
@@ -442,7 +442,7 @@ def _reserved_generation_id(work: Work) -> int:
     """The id this cycle's generation gets, chosen once and remembered across restarts."""
     if work.path("generation_id.json").exists():
         return int(work.read("generation_id.json"))
-    with work.context.store.transaction(read_only=True) as tx:
+    with work.context.store.transaction() as tx:
         used = [g.id for g in tx.generations.list()]
     generation_id = max([*used, *work.context.artifacts.ids()]) + 1
     work.write("generation_id.json", generation_id)
@@ -453,7 +453,7 @@ def _experience_rows(work: Work, limit: int) -> dict[str, list[dict[str, Any]]]:
     """Held-out rows of every earlier experience along the lineage, by domain."""
     earlier = work.parent.metrics.get("experiences", {})
     out = {}
-    with work.context.store.transaction(read_only=True) as tx:
+    with work.context.store.transaction() as tx:
         for domain, ids in earlier.items():
             rows = []
             for interaction_id in ids[:limit]:

@@ -46,10 +46,11 @@ from selftune.policies.errors import (
 from selftune.policies.ingest import FORMATS, RowDefaults, parse_feedback, parse_row
 from selftune.policies.records import ApiToken, InteractionIn
 
-from . import views
-from .context import Context
-from .metrics import CONTENT_TYPE, Metrics
-from .serving import Champion, ChampionPool, Completion, SamplingParams, clamp_temperature
+from selftune.daemon import views
+from selftune.daemon.context import Context
+from selftune.daemon.reports.files import REPORT_FILES, report_file
+from selftune.daemon.service.metrics import CONTENT_TYPE, Metrics
+from selftune.daemon.service.pool import Champion, ChampionPool, Completion, SamplingParams, clamp_temperature
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -61,9 +62,6 @@ PRELOAD_RETRY_SECONDS = 10
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                       409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
                       503: "service_unavailable"}
-REPORT_FILES = {"html": ("report.html", "text/html; charset=utf-8"),
-                "md": ("report.md", "text/markdown; charset=utf-8"),
-                "json": ("report.json", "application/json")}
 
 
 # -- problems ----------------------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def _verify(context: Context, secret: str | None) -> ApiToken:
         raise Problem(401, "this endpoint needs a bearer token: Authorization: Bearer <token> "
                       "(create one with `selftune token create`; in a browser open /v1/lineage?token=<token>)",
                       headers={"WWW-Authenticate": "Bearer"})
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         token = tx.tokens.verify(secret)
     if token is None:
         raise Problem(401, "the bearer token is unknown or revoked", headers={"WWW-Authenticate": "Bearer"})
@@ -429,7 +427,7 @@ def readiness(app: FastAPI) -> list[str]:
     problems = []
     context: Context = app.state.context
     try:
-        with context.store.transaction(read_only=True) as tx:
+        with context.store.transaction() as tx:
             tx.connection.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said in words
         problems.append(f"database unreachable: {type(exc).__name__}")
@@ -497,10 +495,10 @@ def parse_rows(value: Any, fmt: str, defaults: RowDefaults, max_rows: int) -> tu
 def _ingest(context: Context, body: bytes, branch: str | None, domain: str | None,
             fmt: str) -> tuple[dict[str, Any], str]:
     """Parse and store the body's rows; the answer and the branch of the first row."""
-    from .lineage import domain_routes
+    from selftune.daemon.lineage import domain_routes
 
     target = branch or context.config.ingest.default_branch
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         if tx.branches.find(target) is None:
             raise invalid("branch", f"no branch {target!r}: known branches are "
                                     f"{', '.join(b.name for b in tx.branches.list()) or 'none (run selftune init)'}")
@@ -508,7 +506,7 @@ def _ingest(context: Context, body: bytes, branch: str | None, domain: str | Non
                            max_message_chars=context.config.ingest.max_message_chars,
                            routes={} if branch else domain_routes(context))
     rows, single = parse_rows(_decode_json(body), fmt, defaults, context.config.server.max_batch_rows)
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         result = tx.interactions.add_batch(rows)
         row_id = _single_row_id(tx, rows[0], result.accepted) if single else None
     return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": 0, "id": row_id}, rows[0].branch
@@ -574,7 +572,7 @@ def _interaction_routes(app: FastAPI) -> None:
         context: Context = request.app.state.context
 
         def store() -> list[dict[str, Any]]:
-            with context.store.transaction() as tx:
+            with context.store.transaction(write=True) as tx:
                 target = _resolve_interaction(tx, interaction_id)
                 return [views.feedback_view(tx.feedback.add(target, item)) for item in items]
 
@@ -594,7 +592,7 @@ def _interaction_routes(app: FastAPI) -> None:
         context: Context = request.app.state.context
 
         def read() -> dict[str, Any]:
-            with context.store.transaction(read_only=True) as tx:
+            with context.store.transaction() as tx:
                 rows = tx.interactions.list(branch=branch, domain=domain, after_id=after, limit=limit)
                 feedback = tx.feedback.for_interactions([r.id for r in rows])
             data = [views.interaction_view(r, feedback.get(r.id)) for r in rows]
@@ -608,7 +606,7 @@ def _interaction_routes(app: FastAPI) -> None:
         context: Context = request.app.state.context
 
         def read() -> dict[str, Any]:
-            with context.store.transaction(read_only=True) as tx:
+            with context.store.transaction() as tx:
                 found = tx.interactions.get(_resolve_interaction(tx, interaction_id))
                 return views.interaction_view(found, tx.feedback.for_interaction(found.id))
 
@@ -682,7 +680,7 @@ def _log_exchange(context: Context, request: ChatCompletionRequest, messages: li
     except InvalidRecordError as exc:
         log.warning("chat completion %s not logged: %s", external_id, exc.reason)
         return None
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         tx.interactions.add_batch([row])
         found = tx.interactions.find_by_external_id(row.branch, external_id)
     return None if found is None else found.id
@@ -699,7 +697,7 @@ def _chat_routes(app: FastAPI) -> None:
         context: Context = request.app.state.context
 
         def read() -> list[dict[str, Any]]:
-            with context.store.transaction(read_only=True) as tx:
+            with context.store.transaction() as tx:
                 aliases = [a for a in tx.aliases.list() if a.name == "champion"]
             return [{"id": a.branch, "object": "model", "created": int(a.updated_at.timestamp()),
                      "owned_by": "selftune", "generation": a.generation_id} for a in aliases]
@@ -819,7 +817,7 @@ def _generation_routes(app: FastAPI) -> None:
     @app.get("/v1/lineage", tags=["generations"], response_class=HTMLResponse,
              summary="The lineage page: each branch's tree of generations, status, aliases, key metrics, reports")
     async def lineage_page(request: Request, token: Admin) -> Response:
-        from .report import lineage_rows, render_lineage_html
+        from selftune.daemon.reports.report import lineage_rows, render_lineage_html
 
         secret = request.query_params.get("token")
         if secret:  # a browser signing in: keep the token in a cookie, and out of the address bar and history
@@ -837,14 +835,7 @@ def _generation_routes(app: FastAPI) -> None:
         context: Context = request.app.state.context
 
         def locate() -> Any:
-            with context.store.transaction(read_only=True) as tx:
-                tx.generations.get(generation_id)
-            name, media_type = REPORT_FILES[format]
-            path = context.artifacts.root / str(generation_id) / name
-            if not path.is_file():
-                raise NotFoundError(f"generation {generation_id} has no {name} (reports are written with the "
-                                    "generation; generation 0, the foundation, has none)")
-            return FileResponse(path, media_type=media_type)
+            return FileResponse(report_file(context, generation_id, format), media_type=REPORT_FILES[format].media_type)
 
         return await anyio.to_thread.run_sync(locate)
 
@@ -852,7 +843,7 @@ def _generation_routes(app: FastAPI) -> None:
               summary="Make a generation the champion of its branch (served from the next request on)")
     async def promote(request: Request, token: Admin,
                       generation_id: Annotated[int, Path(ge=0, le=2**31)]) -> dict[str, Any]:
-        from .lineage import promote as promote_generation
+        from selftune.daemon.lineage import promote as promote_generation
 
         context: Context = request.app.state.context
         generation = await anyio.to_thread.run_sync(promote_generation, context, generation_id)
@@ -865,7 +856,7 @@ def _cycle_routes(app: FastAPI) -> None:
     @app.post("/v1/cycles", tags=["cycles"], status_code=202,
               summary="Start a cycle on a branch (returns at once; 409 if one is running)")
     async def start(request: Request, token: Admin, body: CycleRequest | None = None) -> dict[str, Any]:
-        from .cycle import start_cycle
+        from selftune.daemon.cycle.control import start_cycle
 
         context: Context = request.app.state.context
         branch = (body.branch if body else None) or context.config.ingest.default_branch
@@ -880,7 +871,7 @@ def _cycle_routes(app: FastAPI) -> None:
     @app.delete("/v1/cycles/{cycle_id}", tags=["cycles"], status_code=202,
                 summary="Cancel a running cycle (its training checkpoints and stops)")
     async def cancel(request: Request, token: Admin, cycle_id: Annotated[int, Path(ge=1, le=2**31)]) -> dict[str, Any]:
-        from .cycle import cancel_cycle
+        from selftune.daemon.cycle.control import cancel_cycle
 
         context: Context = request.app.state.context
         await anyio.to_thread.run_sync(cancel_cycle, context, cycle_id)

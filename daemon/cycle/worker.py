@@ -1,4 +1,4 @@
-"""The cycle worker process: ``python -m selftune.daemon.worker --state S --config C CYCLE_ID``.
+"""The cycle worker process: ``python -m selftune.daemon.cycle.worker --state S --config C CYCLE_ID``.
 
 SIGTERM cancels the cycle: training checkpoints, the step is recorded as cancelled, the cycle ends
 "cancelled" and nothing half-made becomes visible. A crash (even kill -9) leaves the cycle
@@ -14,8 +14,8 @@ import sys
 import traceback
 from types import FrameType
 
-from .context import Context
-from .recipe import Cancelled, run_cycle
+from selftune.daemon.context import Context
+from selftune.daemon.cycle.recipe import Cancelled, run_cycle
 
 
 def _cancel(signum: int, frame: FrameType | None) -> None:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _end(context: Context, cycle_id: int, outcome: str, error: str) -> None:
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         if tx.cycles.get(cycle_id).finished_at is None:
             tx.cycles.finish(cycle_id, outcome, error)
 

@@ -33,12 +33,12 @@ import uvicorn
 
 from selftune.policies.errors import ConfigError
 
-from .api import create_app, readiness
-from .context import Context
-from .metrics import Metrics
-from .scheduler import CycleScheduler
-from .serving import ChampionPool
-from .systemd import Notifier
+from selftune.daemon.http.app import create_app, readiness
+from selftune.daemon.context import Context
+from selftune.daemon.service.metrics import Metrics
+from selftune.daemon.service.scheduler import CycleScheduler
+from selftune.daemon.service.pool import ChampionPool
+from selftune.daemon.service.systemd import Notifier
 
 log = logging.getLogger("selftune.serve")
 HOUSEKEEPING_SECONDS = 1.0
@@ -238,12 +238,12 @@ class Service:
     # -- the cycle ----------------------------------------------------------------------------------------
 
     def _running_cycle(self) -> object | None:
-        from .cycle import running_cycle
+        from selftune.daemon.cycle.control import running_cycle
 
         return running_cycle(self.context)
 
     def _resume_cycle(self) -> None:
-        from .cycle import resume_cycles
+        from selftune.daemon.cycle.control import resume_cycles
 
         resumed = resume_cycles(self.context)
         if resumed:
@@ -251,7 +251,7 @@ class Service:
 
     def _cancel_cycle(self) -> int | None:
         """Cancel the running cycle, if any; its id."""
-        from .cycle import cancel_cycle, running_cycle
+        from selftune.daemon.cycle.control import cancel_cycle, running_cycle
 
         cycle = running_cycle(self.context)
         if cycle is None:
@@ -262,7 +262,7 @@ class Service:
 
     async def _stop_cycle(self) -> None:
         """Wait (bounded) until the cancelled cycle's worker has checkpointed and exited."""
-        from .cycle import worker_alive
+        from selftune.daemon.cycle.control import worker_alive
 
         if self._cancelling is None:
             return

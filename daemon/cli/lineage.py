@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .cli import JsonOption, _context, console
+from selftune.daemon.cli.main import JsonOption, _context, console
 
 branch_app = typer.Typer(help="Branches: specialised lines of generations.", no_args_is_help=True)
 FINAL = ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
@@ -21,8 +21,8 @@ def cycle(ctx: typer.Context,
           wait: Annotated[bool, typer.Option("--wait", help="Wait for the cycle to finish, showing its progress.")] = False,
           as_json: JsonOption = False) -> None:
     """Run one cycle on a branch: train on its new interactions and gate a new generation."""
-    from .cycle import resume_cycles, running_cycle, start_cycle
-    from .views import cycle_view
+    from selftune.daemon.cycle.control import resume_cycles, running_cycle, start_cycle
+    from selftune.daemon.views import cycle_view
 
     context = _context(ctx)
     unfinished = running_cycle(context)
@@ -46,7 +46,7 @@ def cycle(ctx: typer.Context,
 
 
 def _wait(context: Any, cycle_id: int, show: bool) -> dict[str, Any]:
-    from .views import cycle_view
+    from selftune.daemon.views import cycle_view
 
     with Live(console=console, transient=True, auto_refresh=False, redirect_stderr=False) as live:
         while (view := cycle_view(context, cycle_id))["status"] not in FINAL:
@@ -85,7 +85,7 @@ def _num(value: Any) -> str:
 
 def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")]) -> None:
     """Make a generation the champion of its branch (e.g. a candidate awaiting approval)."""
-    from .lineage import promote as promote_generation
+    from selftune.daemon.lineage import promote as promote_generation
 
     promoted = promote_generation(_context(ctx), generation)
     console.print(f"generation {promoted.id} is now the champion of branch {promoted.branch}")
@@ -93,7 +93,7 @@ def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="
 
 def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Branch name.")]) -> None:
     """Move a branch's champion back to the champion's parent."""
-    from .lineage import rollback as rollback_branch
+    from selftune.daemon.lineage import rollback as rollback_branch
 
     champion = rollback_branch(_context(ctx), branch)
     console.print(f"branch {branch}: champion is generation {champion.id} again")
@@ -104,7 +104,7 @@ def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
                   from_generation: Annotated[int, typer.Option("--from", help="Generation to fork from.")],
                   domain: Annotated[str | None, typer.Option(help="Route interactions of this domain to the branch.")] = None) -> None:
     """Fork a specialised line at a generation; its cycles use the interactions routed to it."""
-    from .lineage import create_branch
+    from selftune.daemon.lineage import create_branch
 
     branch = create_branch(_context(ctx), name, from_generation, domain)
     routed = f"; interactions of domain {branch.domain!r} now go to it" if branch.domain else ""
@@ -115,7 +115,7 @@ def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
 def branch_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every branch with its root generation, domain and champion."""
     context = _context(ctx)
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         rows = [{"name": b.name, "root": b.root_generation_id, "domain": b.domain,
                  "champion": (a.generation_id if (a := tx.aliases.get(b.name, "champion")) else None)}
                 for b in tx.branches.list()]

@@ -1,7 +1,7 @@
 """Starting, watching, cancelling and resuming cycles. A cycle runs in a worker process of its own.
 
 One cycle at a time per state directory: a file lock makes "is one running? then start" atomic
-across the service, the CLI and API requests. The worker runs ``selftune.daemon.recipe`` under a
+across the service, the CLI and API requests. The worker runs ``selftune.daemon.cycle.recipe`` under a
 lower priority; the cycle's row and its step events in the database are the truth about it.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from selftune.policies.errors import ConflictError, NotFoundError
 from selftune.policies.records import Cycle
 
-from .context import Context
+from selftune.daemon.context import Context
 
 FIRST_STEP = "select"
 
@@ -38,7 +38,7 @@ def _cycle_lock(context: Context) -> Iterator[None]:
 
 def running_cycle(context: Context) -> Cycle | None:
     """The unfinished cycle, if any (there is at most one)."""
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         unfinished = tx.cycles.list(unfinished_only=True)
     return unfinished[0] if unfinished else None
 
@@ -52,7 +52,7 @@ def start_cycle(context: Context, branch: str, trigger: str) -> Cycle:
         if (current := running_cycle(context)) is not None:
             raise ConflictError(f"cycle {current.id} of branch {current.branch!r} is still running "
                                 f"(step {current.state}): wait for it, or cancel it first")
-        with context.store.transaction() as tx:
+        with context.store.transaction(write=True) as tx:
             tx.branches.get(branch)
             champion = tx.aliases.get(branch, "champion")
             if champion is None:
@@ -76,7 +76,7 @@ def resume_cycles(context: Context) -> list[int]:
 
 def cancel_cycle(context: Context, cycle_id: int) -> Cycle:
     """Ask the cycle's worker to stop: it checkpoints training and ends the cycle as "cancelled"."""
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
     if cycle.finished_at is not None:
         raise ConflictError(f"cycle {cycle_id} has finished already ({cycle.outcome}): nothing to cancel")
@@ -84,7 +84,7 @@ def cancel_cycle(context: Context, cycle_id: int) -> Cycle:
     if pid is not None and worker_alive(context, cycle_id):
         os.kill(pid, signal.SIGTERM)
     else:  # no worker: nothing can be mid-write, so the cycle can be closed here
-        with context.store.transaction() as tx:
+        with context.store.transaction(write=True) as tx:
             cycle = tx.cycles.finish(cycle_id, "cancelled", "cancelled while no worker was running")
     return cycle
 
@@ -116,7 +116,7 @@ def _spawn_worker(context: Context, cycle_id: int) -> None:
     directory = cycle_dir(context, cycle_id)
     directory.mkdir(parents=True, exist_ok=True)
     nice = context.config.cycle.nice
-    command = [sys.executable, "-m", "selftune.daemon.worker", "--state", str(context.state),
+    command = [sys.executable, "-m", "selftune.daemon.cycle.worker", "--state", str(context.state),
                "--config", str(context.config_file), str(cycle_id)]
     with open(directory / "worker.log", "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .context import Context
+from selftune.daemon.context import Context
 
 PROBE_PROMPTS = Path(__file__).with_name("probe_prompts.json")
 REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal_prompts.json")

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.markdown import Markdown
 
-from .cli import _context, _fail, console
-from .report import REPORT_FILES
+from selftune.daemon.cli.main import _context, _fail, console
+from selftune.daemon.reports.files import REPORT_FILES, report_file
 
 FormatOption = Annotated[str | None, typer.Option(
     "--format", help="md (read in the terminal), html (prints the path of the page) or json "
@@ -20,8 +20,6 @@ def report(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="G
            fmt: FormatOption = None,
            open_: Annotated[bool, typer.Option("--open", help="Open the HTML report in a web browser.")] = False) -> None:
     """Show a generation's report: data, training curves, forgetting matrix, pruning, gates, sample answers."""
-    from .report import report_file
-
     fmt = (fmt or ("html" if open_ else "md")).lower()
     if fmt not in REPORT_FILES:
         _fail(f"--format {fmt!r}: use one of {', '.join(REPORT_FILES)}")

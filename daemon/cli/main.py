@@ -16,9 +16,9 @@ from rich.tree import Tree
 from selftune.policies.errors import SelftuneError
 from selftune.policies.ingest import FORMATS, RowDefaults
 
-from . import ingest as ingest_mod
-from .config import default_config_text
-from .context import Context
+from selftune.daemon import ingest as ingest_mod
+from selftune.daemon.config import default_config_text
+from selftune.daemon.context import Context
 
 app = typer.Typer(help="selftune: a continual self-tuning daemon for small language models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -52,7 +52,7 @@ def init(ctx: typer.Context, foundation: Annotated[str | None, typer.Option(
         help='Generation 0: "embedded" (SmolLM2-135M-Instruct) or a local transformers model directory '
              "[default: model.foundation from the configuration]")] = None) -> None:
     """Create the state directory and database, and materialise the foundation as generation 0."""
-    from .foundation import ensure_generation_zero
+    from selftune.daemon.foundation import ensure_generation_zero
 
     context = _context(ctx)
     written = context.write_default_config()
@@ -77,7 +77,7 @@ def ingest(ctx: typer.Context,
     """Ingest interaction logs: OpenAI chat, ShareGPT or prompt/response JSONL. Idempotent."""
     if fmt not in FORMATS:
         _fail(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    from .lineage import domain_routes
+    from selftune.daemon.lineage import domain_routes
 
     context = _context(ctx)
     defaults = RowDefaults(branch=branch or context.config.ingest.default_branch, domain=domain,
@@ -88,7 +88,7 @@ def ingest(ctx: typer.Context,
     context.require_branch(defaults.branch)
 
     def add_batch(rows: list) -> Any:
-        with store.transaction() as tx:
+        with store.transaction(write=True) as tx:
             return tx.interactions.add_batch(rows)
 
     with ingest_mod.open_input(file) as (stream, size):
@@ -114,7 +114,7 @@ def ingest(ctx: typer.Context,
 @app.command()
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Interactions per branch and domain, generations, and aliases."""
-    from .views import status_view
+    from selftune.daemon.views import status_view
 
     view = status_view(_context(ctx))
     if as_json:
@@ -133,7 +133,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
 def generations(ctx: typer.Context, as_json: JsonOption = False,
                 tree: Annotated[bool, typer.Option("--tree", help="Show the lineage as a tree.")] = False) -> None:
     """Every generation: id, parent, branch, status, parameters, path and aliases."""
-    from .views import generations_view
+    from selftune.daemon.views import generations_view
 
     rows = generations_view(_context(ctx))
     if as_json:
@@ -210,9 +210,9 @@ def run() -> None:
 
 
 # Commands of the other areas, registered here to keep this file small (they import from it, so last).
-from .cli_lineage import branch_app, cycle, promote, rollback  # noqa: E402
-from .cli_report import report  # noqa: E402
-from .cli_serve import serve, token_app  # noqa: E402
+from selftune.daemon.cli.lineage import branch_app, cycle, promote, rollback  # noqa: E402
+from selftune.daemon.cli.report import report  # noqa: E402
+from selftune.daemon.cli.serve import serve, token_app  # noqa: E402
 
 for command in (cycle, promote, rollback, report, serve):
     app.command()(command)

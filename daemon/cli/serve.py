@@ -11,14 +11,14 @@ from rich.table import Table
 
 from selftune.policies.records import TOKEN_SCOPES
 
-from .cli import JsonOption, _context, console, err
+from selftune.daemon.cli.main import JsonOption, _context, console, err
 
 
 def serve(ctx: typer.Context,
           host: Annotated[str | None, typer.Option(help="Address to bind (default: server.host, 127.0.0.1).")] = None,
           port: Annotated[int | None, typer.Option(help="TCP port (default: server.port, 8421).")] = None) -> None:
     """Run the service: the HTTP API (OpenAI-compatible chat included) and the cycle scheduler."""
-    from .serve import run_service
+    from selftune.daemon.service.lifecycle import run_service
 
     context = _context(ctx)
     code = run_service(context, host or context.config.server.host, port or context.config.server.port)
@@ -41,7 +41,7 @@ def create_token(ctx: typer.Context,
         raise typer.Exit(2)
     context = _context(ctx)
     label = name or f"{scope}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    with context.store.transaction() as tx:
+    with context.store.transaction(write=True) as tx:
         token, secret = tx.tokens.create(label, scope)
     err.print(f"created {scope} token {token.id} ({token.name}); it is shown once, store it now:", highlight=False)
     print(secret)
@@ -50,7 +50,7 @@ def create_token(ctx: typer.Context,
 @token_app.command("list")
 def list_tokens(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every token: id, name, scope, created, revoked (never the secret)."""
-    with _context(ctx).store.transaction(read_only=True) as tx:
+    with _context(ctx).store.transaction() as tx:
         tokens = tx.tokens.list()
     rows = [{"id": t.id, "name": t.name, "scope": t.scope, "created_at": t.created_at.isoformat(),
              "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None} for t in tokens]
@@ -70,6 +70,6 @@ def list_tokens(ctx: typer.Context, as_json: JsonOption = False) -> None:
 def revoke_token(ctx: typer.Context,
                  token_id: Annotated[int, typer.Argument(help="Token id (token list shows them).")]) -> None:
     """Revoke a token: requests with it are refused from now on."""
-    with _context(ctx).store.transaction() as tx:
+    with _context(ctx).store.transaction(write=True) as tx:
         token = tx.tokens.revoke(token_id)
     console.print(f"revoked {token.scope} token {token.id} ({token.name})")

@@ -41,8 +41,8 @@ from selftune.policies.records import Cycle
 from selftune.storage import models
 from selftune.storage.db import BEGIN_MODE
 
-from .context import Context
-from .metrics import Metrics
+from selftune.daemon.context import Context
+from selftune.daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 JOB_TABLE = "apscheduler_jobs"
@@ -88,7 +88,7 @@ def new_interactions_due(context: Context, branch: str, minimum: int) -> bool:
     if minimum < 1:
         return False
     t = models.interactions
-    with context.store.transaction(read_only=True) as tx:
+    with context.store.transaction() as tx:
         cycles = tx.cycles.list(branch=branch)
         champion = tx.aliases.get(branch, "champion")
         if champion is None:
@@ -172,7 +172,7 @@ class CycleScheduler:
 
     def check(self) -> Cycle | None:
         """Start the next cycle if none is running: a due branch first, else one with enough new data."""
-        from .cycle import running_cycle
+        from selftune.daemon.cycle.control import running_cycle
 
         with self._lock:
             if running_cycle(self.context) is not None:
@@ -194,7 +194,7 @@ class CycleScheduler:
         return None
 
     def _start(self, branch: str, trigger: str) -> Cycle | None:
-        from .cycle import start_cycle
+        from selftune.daemon.cycle.control import start_cycle
 
         try:
             cycle = start_cycle(self.context, branch, trigger)
@@ -207,7 +207,7 @@ class CycleScheduler:
         return cycle
 
     def _branches_with_champion(self) -> list[str]:
-        with self.context.store.transaction(read_only=True) as tx:
+        with self.context.store.transaction() as tx:
             return sorted({a.branch for a in tx.aliases.list() if a.name == "champion"})
 
     def _on_job_event(self, event: Any) -> None:

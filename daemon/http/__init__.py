@@ -1,0 +1,1 @@
+"""selftune.daemon.http."""
