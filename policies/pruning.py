@@ -23,11 +23,11 @@ class AdapterTrimConfig:
     def problems(self) -> list[str]:
         out = []
         if self.rank < 0:
-            out.append(f"pruning.adapter_rank = {self.rank}: use 0 (keep the adapter's rank) or a positive rank")
+            out.append(f"trim.rank = {self.rank}: use 0 (keep the adapter's rank) or a positive rank")
         if not 0.0 < self.energy <= 1.0:
-            out.append(f"pruning.adapter_energy = {self.energy}: use a share in (0, 1]; 1.0 keeps every direction")
+            out.append(f"trim.energy = {self.energy}: use a share in (0, 1]; 1.0 keeps every direction")
         if not 0.0 < self.keep_fraction <= 1.0:
-            out.append(f"pruning.adapter_keep_fraction = {self.keep_fraction}: use a share in (0, 1]; 1.0 keeps all")
+            out.append(f"trim.keep_fraction = {self.keep_fraction}: use a share in (0, 1]; 1.0 keeps all")
         return out
 
     @property

@@ -38,7 +38,8 @@ class SelectionConfig:
     dedupe_exact: bool = True
     """Keep one row (the lowest id) of rows whose final messages are identical."""
     near_duplicate_similarity: float = 0.95
-    """Cosine similarity of embeddings above which the learners call two rows near-duplicates; 1.0 turns it off."""
+    """Cosine similarity of prompt embeddings above which two rows are near-duplicates; 1.0 turns it off.
+    Not applied yet: the filter comes with the cascade's prompt embeddings, through ``drop_ids`` below."""
     min_train_rows: int = 16
     """A cycle needs at least this many training rows, else it waits for more data."""
     min_held_out_rows: int = 2
