@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .contracts import UnitOfWork
 from .db import current_revision, head_revision, make_engine, migrate, sqlite_url
-from .repositories import Store, UnitOfWork
+from .repositories import Store
 
 __all__ = ["Store", "UnitOfWork", "current_revision", "head_revision", "make_engine", "migrate", "sqlite_url"]

@@ -33,13 +33,10 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import select
 
 from selftune.policies.config import ScheduleConfig
 from selftune.policies.errors import ConfigError, SelftuneError
-from selftune.policies.records import Cycle
-from selftune.storage import models
-from selftune.storage.db import BEGIN_MODE
+from selftune.policies.records import CHAMPION, Cycle
 
 from selftune.daemon.context import Context
 from selftune.daemon.service.metrics import Metrics
@@ -82,24 +79,19 @@ def _require_active() -> CycleScheduler:
 def new_interactions_due(context: Context, branch: str, minimum: int) -> bool:
     """Has ``branch`` at least ``minimum`` interactions newer than its last cycle and its champion's cutoff?
 
-    One indexed query: the ``minimum``-th newest interaction of the branch (ids grow in commit order,
-    and so do their creation times) must be newer than both.
+    A capped count: it reads no more than the branch's ``minimum`` newest rows, however many there are.
     """
     if minimum < 1:
         return False
-    t = models.interactions
     with context.store.transaction() as tx:
         cycles = tx.cycles.list(branch=branch)
-        champion = tx.aliases.get(branch, "champion")
+        champion = tx.aliases.get(branch, CHAMPION)
         if champion is None:
             return False
         cutoff = int(tx.generations.get(champion.generation_id).metrics.get("cutoff", {}).get(branch, 0))
-        query = (select(t.c.id, t.c.created_at).where(t.c.branch == branch)
-                 .order_by(t.c.id.desc()).offset(minimum - 1).limit(1))
-        row = tx.connection.execute(query).first()
-    if row is None or row.id <= cutoff:
-        return False
-    return not cycles or row.created_at > cycles[-1].created_at
+        last_cycle = cycles[-1].created_at if cycles else None
+        new = tx.interactions.count_after(branch, cutoff, created_after=last_cycle, at_most=minimum)
+    return new >= minimum
 
 
 class CycleScheduler:
@@ -112,9 +104,8 @@ class CycleScheduler:
         """Branch -> what made it due, in the order they became due (scheduled fires waiting their turn)."""
         self._lock = threading.Lock()
         self._shut_down = False
-        engine = context.store.engine.execution_options(**{BEGIN_MODE: "IMMEDIATE"})  # writers queue up front
         self.scheduler = AsyncIOScheduler(
-            jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOB_TABLE)},
+            jobstores={"default": SQLAlchemyJobStore(engine=context.store.writer_engine(), tablename=JOB_TABLE)},
             job_defaults=self._job_defaults(context.config.schedule), timezone=UTC)
         self.scheduler.add_listener(self._on_job_event, _JOB_EVENTS)
 
@@ -208,7 +199,7 @@ class CycleScheduler:
 
     def _branches_with_champion(self) -> list[str]:
         with self.context.store.transaction() as tx:
-            return sorted({a.branch for a in tx.aliases.list() if a.name == "champion"})
+            return sorted({a.branch for a in tx.aliases.list() if a.name == CHAMPION})
 
     def _on_job_event(self, event: Any) -> None:
         outcome = "error" if getattr(event, "exception", None) else "missed" if event.code == _MISSED else "ok"

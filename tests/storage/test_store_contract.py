@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from datetime import UTC, datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, func, inspect, select
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import inspect as inspect_db
+from sqlalchemy.exc import DBAPIError
 
 from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
 from selftune.policies.records import FeedbackIn, IngestResult, InteractionIn, Message, ReplayMember
-from selftune.storage import Store, current_revision, head_revision, migrate
+from selftune.storage import Store, UnitOfWork, contracts, current_revision, head_revision, migrate
 from selftune.storage import models as m
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)  # the TickingClock's first reading (conftest.py)
@@ -58,7 +61,7 @@ def test_migrate_reaches_head_and_is_idempotent(engine: Engine) -> None:
     assert migrate(engine) == head_revision()
     assert migrate(engine) == head_revision()  # a second run changes nothing and does not fail
     assert current_revision(engine) == head_revision()
-    assert TABLES <= set(inspect(engine).get_table_names())
+    assert TABLES <= set(inspect_db(engine).get_table_names())
 
 
 def test_migrations_create_exactly_the_models(engine: Engine) -> None:
@@ -66,6 +69,35 @@ def test_migrations_create_exactly_the_models(engine: Engine) -> None:
     with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), m.metadata)
     assert differences == []
+
+
+# --- the contract ----------------------------------------------------------------------------------
+
+
+def public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(f) for name, f in inspect.getmembers(cls, inspect.isfunction) if name[0] != "_"}
+
+
+def same_signature(contract: inspect.Signature, implementation: inspect.Signature) -> bool:
+    # Annotations are strings (postponed evaluation); a class body with a list() method spells the builtin
+    # builtins.list, which is the same type.
+    def plain(signature: inspect.Signature) -> str:
+        return str(signature).replace("builtins.", "")
+
+    return plain(contract) == plain(implementation)
+
+
+def test_the_sql_unit_of_work_offers_exactly_the_contract(store: Store) -> None:
+    repositories = {name: value for name, value in vars(UnitOfWork).items() if isinstance(value, property)}
+    with store.transaction() as uow:
+        offered = {name for name in vars(uow) if name != "connection"}
+        assert offered == set(repositories)
+        for name, attribute in repositories.items():
+            contract = getattr(contracts, attribute.fget.__annotations__["return"])
+            wanted, implemented = public_methods(contract), public_methods(type(getattr(uow, name)))
+            assert set(implemented) == set(wanted), f"uow.{name}"
+            for method, signature in wanted.items():
+                assert same_signature(signature, implemented[method]), f"uow.{name}.{method}{implemented[method]}"
 
 
 # --- interactions -----------------------------------------------------------------------------------
@@ -95,7 +127,7 @@ def test_reingest_is_idempotent_by_external_id_and_by_content_hash(store: Store)
         found = uow.interactions.find_by_external_id("main", "id-3")
         assert found is not None and found.prompt == "q3"  # the first version stays
         assert uow.interactions.find_by_external_id("main", "nope") is None
-        assert uow.interactions.count() == 10
+        assert uow.interactions.count_after("main") == 10
 
 
 def test_interactions_round_trip_every_field_with_utc_times(store: Store) -> None:
@@ -146,6 +178,22 @@ def test_list_paginates_by_id_and_filters(store: Store) -> None:
     assert last == max(i.id for i in everything if i.branch == "fork")
 
 
+def test_count_after_counts_a_branchs_rows_above_an_id_and_a_time_up_to_a_cap(store: Store) -> None:
+    with store.transaction(write=True) as uow:  # one clock reading per batch: created at T0, then T0 + 1 s
+        uow.interactions.add_batch([chat(f"old {i}") for i in range(3)] + [chat("elsewhere", branch="fork")])
+        uow.interactions.add_batch([chat(f"new {i}") for i in range(4)])
+    with store.transaction() as uow:
+        ids = [i.id for i in uow.interactions.list(branch="main")]
+        count_after = uow.interactions.count_after
+        assert (count_after("main"), count_after("fork"), count_after("nowhere")) == (7, 1, 0)
+        assert count_after("main", ids[1]) == 5 and count_after("main", ids[-1]) == 0
+        assert count_after("main", created_after=T0) == 4  # the second batch only
+        assert count_after("main", ids[4], created_after=T0) == 2
+        assert count_after("main", ids[1], created_after=T0, at_most=3) == 3  # the cap
+        assert count_after("main", ids[1], at_most=10) == 5
+        assert count_after("main", ids[1], created_after=T0, at_most=10) == 4
+
+
 # --- feedback ---------------------------------------------------------------------------------------
 
 
@@ -187,9 +235,7 @@ def test_batch_feedback_is_stored_for_accepted_rows_only_and_cascades(store: Sto
 def test_generations_form_a_tree(store: Store) -> None:
     add_lineage(store)
     with store.transaction(write=True) as uow:
-        assert [g.id for g in uow.generations.children(0)] == [1, 2]
-        assert uow.generations.children(1) == []
-        assert [g.id for g in uow.generations.ancestors(2)] == [2, 0]
+        assert [(g.id, g.parent_id) for g in uow.generations.list()] == [(0, None), (1, 0), (2, 0)]
         assert uow.generations.get(2).metrics == {"loss": 1.5}
         assert uow.generations.set_status(1, "rejected").status == "rejected"
         assert uow.branches.get("main").root_generation_id == 0
@@ -275,7 +321,7 @@ def test_replay_membership(store: Store) -> None:
     with store.transaction() as uow:
         members = uow.replay.members("main")
         assert members == [ReplayMember("main", ids[0], 2, 0.9), ReplayMember("main", ids[2], 1, 0.1)]
-        assert uow.replay.count("fork") == 1
+        assert uow.replay.members("fork") == [ReplayMember("fork", ids[3], 2)]
     with pytest.raises(NotFoundError, match="12345"):
         with store.transaction(write=True) as uow:
             uow.replay.add_many([ReplayMember("main", 12345, 1)])
@@ -321,22 +367,23 @@ def test_a_failing_transaction_writes_nothing(store: Store) -> None:
         assert row_count(store, table) == 0, table.name
 
 
-def test_a_released_savepoint_is_still_part_of_the_transaction(store: Store) -> None:
-    # With the sqlite3 driver's own transaction handling, a SAVEPOINT issued first opened a transaction of
-    # its own, which its RELEASE committed: the outer rollback then left these rows behind.
-    with pytest.raises(RuntimeError):
-        with store.transaction(write=True) as uow:
-            with uow.savepoint():
-                uow.interactions.add_batch([chat("kept?")])
-            raise RuntimeError("roll back everything")
-    assert row_count(store, m.interactions) == 0
-    with store.transaction(write=True) as uow:
-        uow.interactions.add_batch([chat("kept")])
-        with pytest.raises(RuntimeError), uow.savepoint():
-            uow.interactions.add_batch([chat("undone")])
-            raise RuntimeError("undo the savepoint only")
-    with store.transaction() as uow:
-        assert [i.prompt for i in uow.interactions.list()] == ["kept"]
+def test_a_read_transaction_refuses_writes(store: Store) -> None:
+    # SQLite: "attempt to write a readonly database" (query_only); PostgreSQL: "... in a read-only transaction".
+    with pytest.raises(DBAPIError, match=r"read-?only"):
+        with store.transaction() as uow:
+            assert uow.branches.list() == []  # reading is fine
+            uow.branches.create("main")
+    with pytest.raises(DBAPIError, match=r"read-?only"):
+        with store.transaction() as uow:
+            uow.interactions.add_batch([chat("q")])
+    assert row_count(store, m.branches) == row_count(store, m.interactions) == 0
+    with store.transaction(write=True) as uow:  # the same connections write when asked to
+        uow.branches.create("main")
+    assert row_count(store, m.branches) == 1
+
+
+def test_ping_answers_when_the_database_does(store: Store) -> None:
+    assert store.ping() is None
 
 
 def test_concurrent_ingests_of_the_same_rows_count_each_row_once(store: Store) -> None:
