@@ -1,4 +1,4 @@
-"""Interactions to tensors: the model's own chat template, loss on assistant tokens only, padded batches.
+"""Learner rows to tensors: encoded rows (``chat.encode_chat``: every assistant turn a target), padded batches.
 
 A row is a plain dict: ``{"id": ..., "messages": [{"role", "content"}, ...]}`` (or ``{"prompt",
 "response"}``), optionally with ``"experience"`` and ``"priority"`` for replay rows (``jobs.write_job`` also takes
@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
-"""Label of a token that carries no loss (prompt, template, padding)."""
+from .chat import IGNORE_INDEX, encode_chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,72 +33,20 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    """The conversation of a row: its ``messages``, or a user/assistant pair from ``prompt``/``response``."""
-    if "messages" in row:
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
-    if "prompt" in row and "response" in row:
-        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["response"])}]
-    raise ValueError(f"row {row.get('id', '?')!r} has neither 'messages' nor 'prompt'+'response': {sorted(row)}")
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file (one JSON object a line)."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn token included).
-
-    Each turn's span starts where the template's generation prompt for it ends and stops where the
-    template's rendering of that turn ends, trailing whitespace excluded: exactly what the model must
-    produce when it answers.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template: use an instruct model's tokenizer (with chat_template)")
-    render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        turn = render(messages[: i + 1], tokenize=False)
-        if full.startswith(turn) and turn.startswith(prompt):
-            start, end = len(prompt), len(turn.rstrip())
-        else:  # a template that rewrites earlier turns: locate the answer text itself
-            start = full.rfind(message["content"])
-            end = start + len(message["content"])
-            if start < 0:
-                continue
-            eos = getattr(tokenizer, "eos_token", None)
-            if eos and full.startswith(eos, end):
-                end += len(eos)
-        spans.append((start, end))
-    return full, spans
-
-
-def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside assistant turns), cut to ``max_length`` tokens."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])[:max_length]
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (a, b) in enumerate(enc["offset_mapping"][: len(ids)]):
-        if b > a and any(s <= a and b <= e for s, e in spans):
-            labels[k] = ids[k]
-    return ids, labels
-
-
 def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> tuple[list[Encoded], int]:
-    """Encode rows; those left without an assistant token (none, or cut by ``max_length``) are dropped.
+    """Encode rows; those cut by ``max_length`` before their first assistant token are dropped.
 
     Returns the encoded rows and how many were dropped.
     """
     out, dropped = [], 0
     for row in rows:
-        ids, labels = encode(tokenizer, row_messages(row), max_length)
+        ids, labels = encode_chat(tokenizer, row, max_length)
         item = Encoded(ids, labels, row.get("id"), int(row.get("experience", 0)), float(row.get("priority", 0.0)))
         if item.target_tokens == 0:
             dropped += 1

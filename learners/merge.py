@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selftune.policies.errors import SelftuneError
 from selftune.policies.pruning import AdapterTrimConfig, rank_for_energy
 
+from .evaluate import parameter_count
+
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -219,7 +221,7 @@ def merge_adapter(
     _copy_tokenizer(model_dir, out)
     facts.update(
         adapter_tensors=tensors,
-        params=sum(p.numel() for p in merged.parameters()),
+        params=parameter_count(merged),
         dtype=str(next(merged.parameters()).dtype).removeprefix("torch."),
     )
     return facts

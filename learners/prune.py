@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from selftune.policies.pruning import PruningConfig, PruningPlan, plan_pruning
 
-from .evaluate import Row, autocast_for, encode_chat
+from .chat import Row, encode_chat, pad_id
+from .evaluate import autocast_for, parameter_count
 
 Traffic = Sequence[Union[Sequence[int], str, Row]]
 """Token-id sequences, raw texts, or (prompt, response) rows / conversations (chat template applied)."""
@@ -208,14 +209,14 @@ def prune_model(
     autocast: bool = True,
 ) -> tuple[PruningPlan, dict[str, Any]]:
     """Score on traffic, ask the policy for a plan, apply it in place; returns the plan and a report."""
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = parameter_count(model)
     sequences = encode_traffic(traffic, tokenizer, config.score_max_tokens, config.score_samples)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    scores = score_model(model, sequences, pad_id, batch_size, autocast)
+    # any id does, right padding being masked out of the scores; token-id traffic may come without a tokenizer
+    scores = score_model(model, sequences, pad_id(tokenizer) if tokenizer is not None else 0, batch_size, autocast)
     channel_scores, layer_scores = scores.channel_scores(), scores.layer_scores()
     plan = plan_pruning(channel_scores, layer_scores, config)
     shortened = apply_plan(model, plan) if plan.changes_anything else []
-    params_after = sum(p.numel() for p in model.parameters())
+    params_after = parameter_count(model)
     report = {
         "enabled": config.enabled,
         "reason": plan.reason,

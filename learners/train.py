@@ -31,19 +31,18 @@ from .lm import attach_lora, load_base, load_tokenizer, pick_device, set_threads
 
 def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run (or resume, or just return the result of) the job in ``workdir``; returns ``result.json``."""
-    from .strategy import (  # Avalanche is imported here, in the worker only
+    # Avalanche (~7 s) is imported here, not with this module, so that `python -m` installs its SIGTERM
+    # handler (main) before paying for it: a stop asked for meanwhile is seen, not fatal
+    from .replay import ExperienceDiversityBuffer, KCenterSelection, buffer_members, reservoir_buffer
+    from .strategy import (
         CausalLMStrategy,
         CheckpointPlugin,
         EwcLoraPlugin,
-        ExperienceDiversityBuffer,
-        KCenterSelection,
         PlannedReplayPlugin,
         ProgressPlugin,
         Stopped,
-        buffer_members,
         make_dataset,
         make_experience,
-        reservoir_buffer,
     )
 
     def stop_if_requested() -> None:  # during setup nothing has changed since the last checkpoint: just go
@@ -64,7 +63,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     set_threads(cfg.threads)
     device = pick_device()
     tokenizer = load_tokenizer(job.base_model)
-    pad_id = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id  # load_tokenizer sets one (chat.pad_id's rule)
     new_rows = [{**r, "experience": job.experience} for r in read_rows(workdir / job.train_file)]
     replay_path = workdir / job.replay_file
     replay_rows = read_rows(replay_path) if replay_path.exists() else []
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         stop["requested"] = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    from .strategy import Stopped
+    from .strategy import Stopped  # Avalanche: only once the handler is in place (see run_job)
 
     try:
         result = run_job(workdir, stop_requested=lambda: stop["requested"])

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selftune.learners.chat import end_token_ids, generation_prompt_ids, pad_id  # torch-free
 from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.records import CHAMPION
 
 from selftune.daemon.context import Context
 from selftune.daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,11 @@ class Champion:
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
-        self._stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        self._stop_ids = end_token_ids(self.model, self.tokenizer)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The conversation in the model's chat template, ending with the assistant's generation prompt."""
-        tokenizer = self.tokenizer
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        text = "\n".join(m["content"] for m in messages)  # a base model without a template: the bare text
-        return list(tokenizer(text)["input_ids"])
+        return generation_prompt_ids(self.tokenizer, messages)
 
     def budget(self, prompt_tokens: int, wanted: int) -> int:
         """New tokens that fit beside the prompt in the model's context; an error naming the fix if none do."""
@@ -93,7 +89,7 @@ class Champion:
                  cancelled: threading.Event | None = None) -> Completion:
         """Generate an answer (blocking). ``on_text`` receives the answer's text piece by piece as it grows;
         setting ``cancelled`` stops generation at the next token."""
-        import torch
+        import torch  # torch and transformers: only where a model is served
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         stream = _TextStream(self.tokenizer, params.stop, on_text)
@@ -116,7 +112,7 @@ class Champion:
             started = time.perf_counter()
             output = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                eos_token_id=self._stop_ids or None, pad_token_id=_pad_id(self.tokenizer), streamer=stream,
+                eos_token_id=self._stop_ids or None, pad_token_id=pad_id(self.tokenizer), streamer=stream,
                 stopping_criteria=StoppingCriteriaList([_Stop()]), **options)
             seconds = time.perf_counter() - started
         new_tokens = output[0, len(prompt_ids):].tolist()
@@ -183,19 +179,6 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The model's end tokens plus the tokenizer's end of turn, on which a chat answer ends."""
-    configured = model.generation_config.eos_token_id
-    stops = list(configured) if isinstance(configured, list | tuple) else [configured]
-    stops.append(tokenizer.eos_token_id)
-    return sorted({int(t) for t in stops if t is not None})
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
-
-
 class ChampionPool:
     """The loaded champion of each branch that has been asked for (and of the default branch)."""
 
@@ -260,7 +243,7 @@ class ChampionPool:
         directory = self.context.artifacts.path(generation_id)  # refuses a directory that does not verify
         log.info("loading generation %s as the champion of branch %s from %s", generation_id, branch, directory)
         if self.threads:
-            import torch
+            import torch  # torch: only where a model is served
 
             torch.set_num_threads(self.threads)
         champion = Champion(branch, generation_id, directory)

@@ -8,20 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from selftune.learners.chat import encode_chat
 from selftune.learners.evaluate import (
     choice_accuracy,
     complete_answers,
     decode_tokens_per_second,
-    encode_chat,
     generate_answers,
     held_out_loss,
     load_model,
     parameter_count,
     score_choices,
-    size_on_disk,
-    text_loss,
 )
-from selftune.policies.records import Message
 
 PAIRS = [
     ("What is a list in Python?", "A mutable sequence of items."),
@@ -34,21 +33,6 @@ PAIRS = [
 def tiny(tiny_model_dir: Path):
     torch.manual_seed(0)
     return load_model(tiny_model_dir)
-
-
-def test_encode_chat_labels_only_the_answer_and_its_end_of_turn(tiny) -> None:
-    _, tokenizer = tiny
-    ids, labels = encode_chat(tokenizer, PAIRS[0])
-    target = [t for t, lab in zip(ids, labels) if lab != -100]
-    assert tokenizer.decode(target) == "A mutable sequence of items.<|im_end|>"
-    assert ids[: len(ids) - len(target)] == tokenizer(
-        tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[0][0]}], add_generation_prompt=True,
-                                      tokenize=False), add_special_tokens=False)["input_ids"]
-    # Messages work the same as a pair.
-    as_messages = (Message("user", PAIRS[0][0]), Message("assistant", PAIRS[0][1]))
-    assert encode_chat(tokenizer, as_messages) == (ids, labels)
-    with pytest.raises(ValueError, match="must end with the assistant"):
-        encode_chat(tokenizer, [{"role": "user", "content": "hi"}])
 
 
 def test_held_out_loss_is_token_weighted_and_matches_transformers(tiny) -> None:
@@ -69,14 +53,6 @@ def test_held_out_loss_is_token_weighted_and_matches_transformers(tiny) -> None:
     # Padding does not change the answer, and bf16 autocast stays close to float32.
     assert held_out_loss(model, tokenizer, PAIRS, batch_size=1, autocast=False).loss == pytest.approx(result.loss, rel=1e-5)
     assert held_out_loss(model, tokenizer, PAIRS, batch_size=3).loss == pytest.approx(result.loss, rel=2e-2)
-
-
-def test_text_loss_counts_every_token_but_the_first(tiny) -> None:
-    model, tokenizer = tiny
-    text = "The quick brown fox jumps over the lazy dog."
-    result = text_loss(model, tokenizer, [text], autocast=False)
-    assert result.tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
-    assert math.isfinite(result.loss) and result.loss > 0
 
 
 def test_choice_scoring_prefers_what_the_model_was_taught(tiny_model_dir: Path) -> None:
@@ -122,7 +98,7 @@ def test_complete_answers_leave_out_turns_the_model_did_not_end(tiny_model_dir: 
     assert complete_answers(model, tokenizer, [prompt], max_new_tokens=12) == [""]
 
 
-def test_decode_speed_and_size(tiny, tiny_model_dir: Path) -> None:
+def test_decode_speed_and_size(tiny) -> None:
     model, tokenizer = tiny
     speed = decode_tokens_per_second(model, tokenizer, new_tokens=4, repeats=2, warmup=1)
     assert len(speed.runs) == 2 and speed.new_tokens == 4
@@ -136,6 +112,45 @@ def test_decode_speed_and_size(tiny, tiny_model_dir: Path) -> None:
     )
     expected = config.vocab_size * config.hidden_size + config.num_hidden_layers * per_layer + config.hidden_size
     assert parameter_count(model) == expected  # tied embeddings counted once
-    assert size_on_disk(tiny_model_dir) == pytest.approx(4 * expected, rel=0.01)  # float32 safetensors
     with pytest.raises(ValueError, match="at least 2"):
         decode_tokens_per_second(model, tokenizer, new_tokens=1)
+
+
+def test_tied_embeddings_count_once(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False))
+    assert parameter_count(model) == untied - model.lm_head.weight.numel()
+
+
+@pytest.fixture
+def varied_model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny Llama with untied embeddings: a tied random model just repeats its last token ("\\n")."""
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "varied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "varied")
+    return tmp_path / "varied"
+
+
+def test_generate_answers_is_greedy_over_the_chat_template(varied_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(varied_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(varied_model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    prompt_length = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(6):  # argmax decoding by hand, the reference
+            next_token = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_token.view(1, 1)], dim=1)
+            if next_token.item() == tokenizer.eos_token_id:
+                break
+    expected = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
+
+    assert len(set(ids[0, prompt_length:].tolist())) > 1, "the reference must be more than one repeated token"
+    assert expected
+    assert generate_answers(*load_model(varied_model_dir), ["Name a colour."], max_new_tokens=6) == [expected]

@@ -1,4 +1,4 @@
-"""Learner building blocks on the tiny Llama: assistant-only labels, target-only loss, Fisher, EWC penalty."""
+"""Learner building blocks on the tiny Llama: rows cut to length, target-only loss, Fisher, EWC penalty."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from selftune.learners.data import IGNORE_INDEX, encode, encode_rows
+from selftune.learners.chat import IGNORE_INDEX
+from selftune.learners.data import batches, encode_rows
 from selftune.learners.fisher import EwcPenalty, Fisher, estimate_fisher, fold_fisher, load_fisher, rank1, save_fisher
 from selftune.learners.lm import (
-    attach_lora, autocast, bf16_in_hardware, fast_bf16, load_base, load_tokenizer, lora_layers, target_logits, token_loss,
+    attach_lora, autocast, bf16_in_hardware, fast_bf16, load_base, load_tokenizer, lora_layers, mixed_token_loss,
+    target_logits, token_loss,
 )
 from selftune.policies.training import TrainConfig
 
@@ -21,25 +23,6 @@ ROWS = [
     {"id": 4, "prompt": "How does the Devil's Dictionary define \"Bore\"?", "response": "A person who talks when you wish him to listen."},
 ]
 CFG = TrainConfig(lora_rank=4, lora_alpha=8, lora_dropout=0.0, threads=1)
-
-
-def test_labels_cover_the_assistant_turns_only(tokenizer_dir: Path) -> None:
-    tok = load_tokenizer(tokenizer_dir)
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Symbol of gold?"},
-        {"role": "assistant", "content": "Au"},
-        {"role": "user", "content": "And silver?"},
-        {"role": "assistant", "content": "Ag"},
-    ]
-    ids, labels = encode(tok, messages, max_length=512)
-    assert len(ids) == len(labels)
-    targets = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
-    assert tok.decode(targets) == f"Au{tok.eos_token}Ag{tok.eos_token}"
-    # every prompt, system and template token carries no loss
-    prompt_text = tok.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX])
-    assert "Symbol of gold?" in prompt_text and "And silver?" in prompt_text and "Be brief." in prompt_text
-    assert "Au" not in prompt_text.replace("assistant", "")
 
 
 def test_rows_cut_to_max_length_without_an_answer_are_dropped(tokenizer_dir: Path) -> None:
@@ -54,8 +37,6 @@ def test_target_only_loss_equals_the_full_shifted_loss(tiny_model_dir: Path) -> 
     tok = load_tokenizer(tiny_model_dir)
     model = load_base(tiny_model_dir, base_dtype="float32")
     items, _ = encode_rows(tok, ROWS, max_length=256)
-    from selftune.learners.data import batches
-
     batch = next(batches(items, 4, tok.pad_token_id))
     with torch.no_grad():
         logits, targets = target_logits(model, batch)
@@ -169,8 +150,6 @@ def test_fold_refuses_changed_shapes() -> None:
 
 
 def test_replayed_sequences_weigh_their_share_not_their_length() -> None:
-    from selftune.learners.lm import mixed_token_loss
-
     torch.manual_seed(0)
     logits, targets = torch.randn(12, 50), torch.randint(0, 50, (12,))
     replayed = torch.tensor([False] * 2 + [True] * 10)  # 2 new tokens, 10 replayed tokens (a long answer)

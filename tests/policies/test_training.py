@@ -1,12 +1,9 @@
-"""The learner's config sections ([train], [replay], [ewc]) and the job file round trip (no torch needed)."""
+"""The learner's config sections ([train], [replay], [ewc]): checks, dict round trip, learning-rate schedule."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from selftune.learners import jobs
 from selftune.policies.errors import ConfigError
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig, check, from_dict, learning_rate, to_dict
 
@@ -47,15 +44,3 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert rates[4] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
-
-
-def test_job_directory_round_trip(tmp_path: Path) -> None:
-    rows = [{"id": 1, "prompt": "p", "response": "r"}]
-    jobs.write_job(tmp_path, base_model="/models/parent", train_rows=rows, experience=3, train=TrainConfig(steps=9))
-    job = jobs.read_job(tmp_path)
-    assert job.experience == 3 and job.train.steps == 9 and job.base_model == "/models/parent"
-    assert (tmp_path / jobs.TRAIN_FILE).read_text().count("\n") == 1
-    with pytest.raises(ConfigError):
-        jobs.write_job(tmp_path / "bad", base_model="/m", train_rows=rows, replay=ReplayConfig(ratio=2.0))
-    with pytest.raises(FileNotFoundError, match="write_job"):
-        jobs.start_training(tmp_path / "missing")
