@@ -32,12 +32,14 @@ import anyio
 import uvicorn
 
 from selftune.policies.errors import ConfigError
+from selftune.policies.records import Cycle
 
-from selftune.daemon.http.app import create_app, readiness
 from selftune.daemon.context import Context
-from selftune.daemon.service.metrics import Metrics
+from selftune.daemon.cycle.control import cancel_cycle, resume_cycles, running_cycle, worker_alive
+from selftune.daemon.http.app import create_app
+from selftune.daemon.http.routers.health import readiness
+from selftune.daemon.http.state import ServiceState
 from selftune.daemon.service.scheduler import CycleScheduler
-from selftune.daemon.service.pool import ChampionPool
 from selftune.daemon.service.systemd import Notifier
 
 log = logging.getLogger("selftune.serve")
@@ -81,10 +83,9 @@ class Service:
         self.host = host
         self.port = port
         self.notifier = notifier or Notifier()
-        self.metrics = Metrics()
-        self.pool = ChampionPool(context, self.metrics, threads=context.config.model.threads)
-        self.app = create_app(context, pool=self.pool, metrics=self.metrics)
-        self.scheduler = CycleScheduler(context, self.metrics)
+        self.state = ServiceState.build(context)  # the metrics and champion pool, shared by API and scheduler
+        self.app = create_app(context, state=self.state)
+        self.scheduler = CycleScheduler(context, self.state.metrics)
         self.server: _Server | None = None
         self.stopping = False
         self.ready = False
@@ -131,7 +132,7 @@ class Service:
         self.stopping = True
         log.info("%s: stopping (intake closed, cycle cancelled, scheduler shut down)", signame)
         self.notifier.stopping("stopping: finishing in-flight requests and checkpointing the cycle")
-        self.app.state.accepting = False
+        self.state.accepting = False
         self.scheduler.shutdown()
         self._cancelling = asyncio.get_running_loop().create_task(anyio.to_thread.run_sync(self._cancel_cycle))
         if self.server is not None:
@@ -195,13 +196,13 @@ class Service:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
     async def _announce_ready(self) -> None:
-        problems = await anyio.to_thread.run_sync(readiness, self.app)
+        problems = await anyio.to_thread.run_sync(readiness, self.state)
         if problems:
             self._set_status("starting: " + "; ".join(problems))
             return
         self.ready = True
-        self.metrics.ready.set(1)
-        log.info("ready on http://%s:%s (champions: %s)", self.host, self.port, self.pool.loaded())
+        self.state.metrics.ready.set(1)
+        log.info("ready on http://%s:%s (champions: %s)", self.host, self.port, self.state.pool.loaded())
         self._status = self._describe()
         self.notifier.ready(self._status)
 
@@ -212,7 +213,7 @@ class Service:
 
         async def refresh() -> None:
             try:
-                await anyio.to_thread.run_sync(self.pool.refresh)
+                await anyio.to_thread.run_sync(self.state.pool.refresh)
             finally:
                 self._refreshing = False
 
@@ -222,12 +223,12 @@ class Service:
         if not self.ready or self.stopping:
             return
         cycle = await anyio.to_thread.run_sync(self._running_cycle)
-        self.metrics.cycle_running.set(1 if cycle else 0)
+        self.state.metrics.cycle_running.set(1 if cycle else 0)
         self._set_status(self._describe(cycle))
 
-    def _describe(self, cycle: object | None = None) -> str:
-        champions = ", ".join(f"{b}={g}" for b, g in sorted(self.pool.loaded().items())) or "none"
-        running = f"; cycle {cycle.id} of {cycle.branch} at {cycle.state}" if cycle else "; no cycle running"  # type: ignore[attr-defined]
+    def _describe(self, cycle: Cycle | None = None) -> str:
+        champions = ", ".join(f"{b}={g}" for b, g in sorted(self.state.pool.loaded().items())) or "none"
+        running = f"; cycle {cycle.id} of {cycle.branch} at {cycle.state}" if cycle else "; no cycle running"
         return f"serving on {self.host}:{self.port}; champions {champions}{running}"
 
     def _set_status(self, text: str) -> None:
@@ -237,22 +238,16 @@ class Service:
 
     # -- the cycle ----------------------------------------------------------------------------------------
 
-    def _running_cycle(self) -> object | None:
-        from selftune.daemon.cycle.control import running_cycle
-
+    def _running_cycle(self) -> Cycle | None:
         return running_cycle(self.context)
 
     def _resume_cycle(self) -> None:
-        from selftune.daemon.cycle.control import resume_cycles
-
         resumed = resume_cycles(self.context)
         if resumed:
             log.info("resumed cycle(s) %s, interrupted with the last service", resumed)
 
     def _cancel_cycle(self) -> int | None:
         """Cancel the running cycle, if any; its id."""
-        from selftune.daemon.cycle.control import cancel_cycle, running_cycle
-
         cycle = running_cycle(self.context)
         if cycle is None:
             return None
@@ -262,8 +257,6 @@ class Service:
 
     async def _stop_cycle(self) -> None:
         """Wait (bounded) until the cancelled cycle's worker has checkpointed and exited."""
-        from selftune.daemon.cycle.control import worker_alive
-
         if self._cancelling is None:
             return
         cycle_id = await self._cancelling
@@ -290,7 +283,7 @@ def run_service(context: Context, host: str, port: int) -> int:
 
 
 def _quiet_libraries() -> None:
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # transformers: only the service loads it
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()

@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from selftune.policies.ingest import FORMATS, KNOWN_KEYS, SHAREGPT_ROLES
+from selftune.policies.records import FEEDBACK_KINDS, ROLES
+
 from selftune.daemon.http.app import create_app
+from selftune.daemon.http.schemas import ROW_MODELS
+from selftune.daemon.http.state import service_state
 from selftune.daemon.context import Context
 
 PROBLEM = "application/problem+json"
@@ -428,6 +433,16 @@ def test_openapi_documents_every_endpoint_and_the_bearer_scheme(client: TestClie
     assert len(ingest_body["schema"]["oneOf"]) == 2
 
 
+def test_the_documented_ingest_rows_are_the_parsers_own_formats(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert set(ROW_MODELS) == set(FORMATS) - {"auto"}
+    for fmt, model in ROW_MODELS.items():  # every key the parser knows is documented, and no other
+        assert set(schemas[model.__name__]["properties"]) == KNOWN_KEYS[fmt], fmt
+    assert schemas["ChatTurn"]["properties"]["role"]["enum"] == list(ROLES)
+    assert set(schemas["ShareGptTurn"]["properties"]["from"]["enum"]) == set(SHAREGPT_ROLES)
+    assert all(kind in schemas["Feedback"]["description"] for kind in FEEDBACK_KINDS)
+
+
 def test_a_broken_database_is_a_500_problem_without_internals(make_state: Callable[..., Path],
                                                               token_for: Callable[[Path, str], str]) -> None:
     state = make_state()
@@ -445,7 +460,7 @@ def test_a_broken_database_is_a_500_problem_without_internals(make_state: Callab
 def test_while_stopping_writes_are_refused_and_reads_go_on(context: Context, ingest: dict[str, str]) -> None:
     app = create_app(context, preload=False)
     with TestClient(app, raise_server_exceptions=False) as client:
-        app.state.accepting = False  # what SIGTERM sets
+        service_state(app).accepting = False  # what SIGTERM sets
         refused = client.post("/v1/interactions", json=ROW, headers=ingest)
         assert_problem(refused, 503)
         assert refused.headers["retry-after"] == "5"

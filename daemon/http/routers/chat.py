@@ -1,0 +1,222 @@
+"""OpenAI-compatible chat: the models (branches with a champion) and chat completions, streamed or not.
+
+Each exchange is logged as an interaction, so that feedback can follow. Generation is blocking torch
+work: it runs in worker threads (at most ``GENERATION_THREADS`` at once), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.ingest import RowDefaults, parse_row
+from selftune.policies.records import CHAMPION, InteractionIn
+
+from selftune.daemon.context import Context
+from selftune.daemon.http.auth import Ingest
+from selftune.daemon.http.errors import Problem, invalid
+from selftune.daemon.http.routers.interactions import CHAT_ID_PREFIX
+from selftune.daemon.http.schemas import ChatCompletionRequest
+from selftune.daemon.http.state import ServiceState, StateDep
+from selftune.daemon.service.pool import Champion, Completion, SamplingParams, clamp_temperature
+
+log = logging.getLogger(__name__)
+MAX_WAITING_GENERATIONS = 32
+"""Chat requests queued behind the ones generating; more are refused with 503 and Retry-After."""
+
+router = APIRouter(tags=["chat"])
+
+
+def _plain_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as {"role", "content"} strings (text parts joined; "developer" is "system")."""
+    out = []
+    for i, message in enumerate(request.messages):
+        content = message.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise invalid(f"messages[{i}].content[{j}].type", f"{part.type!r}: only text parts are supported")
+            content = "".join(part.text or "" for part in content)
+        if content is None:
+            raise invalid(f"messages[{i}].content", "is missing: every message needs text")
+        out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    return out
+
+
+def _check_conversation(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]]) -> None:
+    """Validate the exchange with the ingest parser before any work (a placeholder stands for the answer)."""
+    try:
+        _exchange_row(context, request, messages, ".", CHAT_ID_PREFIX + "check", Completion(".", "stop", 0, 0, 0, 0.0))
+    except InvalidRecordError as exc:
+        field = next((name for name in ("domain", "tags", "user") if exc.reason.startswith(f"'{name}'")), "messages")
+        raise invalid(field, exc.reason) from None
+
+
+def _sampling(context: Context, request: ChatCompletionRequest) -> SamplingParams:
+    server = context.config.server
+    wanted = request.max_completion_tokens or request.max_tokens or server.default_max_tokens
+    if wanted > server.max_tokens_limit:
+        field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise invalid(field, f"{wanted} is over server.max_tokens_limit = {server.max_tokens_limit}")
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > 4 or any(not s or len(s) > 200 for s in stops):
+        raise invalid("stop", "give at most 4 non-empty stop strings of at most 200 characters")
+    temperature = 1.0 if request.temperature is None else request.temperature
+    return SamplingParams(max_new_tokens=wanted, temperature=clamp_temperature(temperature),
+                          top_p=1.0 if request.top_p is None else request.top_p, stop=tuple(stops), seed=request.seed)
+
+
+def _exchange_row(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]], answer: str,
+                  external_id: str, completion: Completion) -> InteractionIn:
+    row: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": answer}], "id": external_id,
+                           "generation": completion.generation_id,
+                           "usage": {"prompt_tokens": completion.prompt_tokens,
+                                     "completion_tokens": completion.completion_tokens}}
+    if request.domain is not None:
+        row["domain"] = request.domain
+    if request.tags is not None:
+        row["tags"] = request.tags
+    if request.user is not None:
+        row["user"] = request.user
+    return parse_row(row, "openai", RowDefaults(branch=request.model, source="api:chat",
+                                                max_message_chars=context.config.ingest.max_message_chars))
+
+
+def _log_exchange(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]],
+                  completion: Completion, external_id: str) -> int | None:
+    """Store the exchange as an interaction under its unique external id; its id, or None if it was not
+    logged (an empty answer is no interaction)."""
+    try:
+        row = _exchange_row(context, request, messages, completion.text, external_id, completion)
+    except InvalidRecordError as exc:
+        log.warning("chat completion %s not logged: %s", external_id, exc.reason)
+        return None
+    with context.store.transaction(write=True) as tx:
+        tx.interactions.add_batch([row])
+        found = tx.interactions.find_by_external_id(row.branch, external_id)
+    return None if found is None else found.id
+
+
+def _usage(completion: Completion) -> dict[str, int]:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def _count_completion(state: ServiceState, branch: str, completion: Completion, stream: bool) -> None:
+    metrics = state.metrics
+    metrics.completions.labels(branch, str(stream).lower()).inc()
+    metrics.completion_tokens.labels(branch).inc(completion.completion_tokens)
+    metrics.prompt_tokens.labels(branch).inc(completion.prompt_tokens)
+    metrics.generation_seconds.labels(branch).observe(completion.seconds)
+
+
+@router.get("/v1/models", summary="The branches whose champion can answer (OpenAI's model list)")
+async def list_models(state: StateDep, token: Ingest) -> dict[str, Any]:
+    def read() -> list[dict[str, Any]]:
+        with state.context.store.transaction() as tx:
+            aliases = [a for a in tx.aliases.list() if a.name == CHAMPION]
+        return [{"id": a.branch, "object": "model", "created": int(a.updated_at.timestamp()),
+                 "owned_by": "selftune", "generation": a.generation_id} for a in aliases]
+
+    return {"object": "list", "data": await anyio.to_thread.run_sync(read)}
+
+
+@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion by a champion",
+             description="The branch named by `model` answers with its current champion. The exchange is "
+                         "logged as an interaction: the response `id` is that interaction's id, so feedback "
+                         "can follow (POST /v1/interactions/{id}/feedback). With `stream: true` the answer "
+                         "comes as server-sent events; their `id` is the completion id the exchange is "
+                         "logged under (the feedback endpoint takes it too), and the last event carries "
+                         "`interaction_id`.")
+async def chat_completions(state: StateDep, body: ChatCompletionRequest, token: Ingest) -> Any:
+    context = state.context
+    messages = _plain_messages(body)
+    _check_conversation(context, body, messages)
+    params = _sampling(context, body)
+    limiter = state.generation_limiter
+    if limiter.statistics().tasks_waiting >= MAX_WAITING_GENERATIONS:
+        raise Problem(503, "too many chat completions are waiting: retry shortly", headers={"Retry-After": "2"})
+    try:
+        champion: Champion = await anyio.to_thread.run_sync(state.pool.get, body.model)
+    except NotFoundError as exc:
+        raise Problem(404, str(exc), [{"field": "model", "message": str(exc)}]) from None
+    try:
+        prompt_ids = await anyio.to_thread.run_sync(champion.prompt_ids, messages)
+        champion.budget(len(prompt_ids), params.max_new_tokens)
+    except InvalidRecordError as exc:
+        raise invalid("messages", exc.reason) from None
+    external_id = f"{CHAT_ID_PREFIX}{uuid.uuid4().hex}"
+    if body.stream:
+        return StreamingResponse(_stream(state, body, messages, champion, prompt_ids, params, external_id),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    completion = await anyio.to_thread.run_sync(champion.generate, prompt_ids, params, limiter=limiter)
+    interaction_id = await anyio.to_thread.run_sync(_log_exchange, context, body, messages, completion, external_id)
+    _count_completion(state, body.model, completion, stream=False)
+    return {"id": str(interaction_id) if interaction_id is not None else external_id,
+            "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "system_fingerprint": f"generation-{completion.generation_id}", "interaction_id": interaction_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": completion.finish_reason, "logprobs": None}],
+            "usage": _usage(completion)}
+
+
+_DONE = object()
+
+
+async def _stream(state: ServiceState, body: ChatCompletionRequest, messages: list[dict[str, str]],
+                  champion: Champion, prompt_ids: list[int], params: SamplingParams,
+                  external_id: str) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's chunk format; generation runs in a thread and hands text over a queue."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[Any] = asyncio.Queue()
+    cancelled = threading.Event()
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        document = {"id": external_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": f"generation-{champion.generation_id}",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return b"data: " + orjson.dumps(document) + b"\n\n"
+
+    def hand_over(piece: str) -> None:  # called in the generating thread
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    def generate() -> Completion:
+        try:
+            return champion.generate(prompt_ids, params, hand_over, cancelled)
+        finally:
+            loop.call_soon_threadsafe(pieces.put_nowait, _DONE)
+
+    worker = asyncio.ensure_future(anyio.to_thread.run_sync(generate, limiter=state.generation_limiter))
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (piece := await pieces.get()) is not _DONE:
+            yield chunk({"content": piece})
+        try:
+            completion = await worker
+            interaction_id = await anyio.to_thread.run_sync(
+                _log_exchange, state.context, body, messages, completion, external_id)
+        except Exception as exc:  # noqa: BLE001 - the headers are out: report in the stream, as OpenAI does
+            log.error("streamed completion %s failed", external_id, exc_info=exc)
+            error = {"error": {"message": "generation failed; the service log has the details", "type": "server_error"}}
+            yield b"data: " + orjson.dumps(error) + b"\n\n"
+            return
+        _count_completion(state, body.model, completion, stream=True)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        yield chunk({}, completion.finish_reason, interaction_id=interaction_id,
+                    **({"usage": _usage(completion)} if include_usage else {}))
+        yield b"data: [DONE]\n\n"
+    finally:
+        cancelled.set()  # the client went away (or we are done): stop generating
