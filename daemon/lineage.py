@@ -1,24 +1,59 @@
-"""Aliases and branches: promote, roll back, fork. Each change is one database transaction."""
+"""The lineage: generation 0 (the foundation, its root), then aliases and branches: promote, roll back, fork.
+
+Each change is one database transaction.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from selftune.policies.config import BRANCH_NAME
 from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
-from selftune.policies.records import Branch, Generation, ReplayMember
+from selftune.policies.records import CHALLENGER, CHAMPION, FOUNDATION_ID, MAIN_BRANCH, Branch, Generation, ReplayMember
+from selftune.storage.contracts import UnitOfWork
 
 from selftune.daemon.context import Context
 
 
-def make_champion(tx: Any, branch: str, generation_id: int, replay_buffer: list[int]) -> None:
+def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, bool]:
+    """Generation 0 of ``main`` with alias ``champion``; (it, True) if this call created it.
+
+    Crash-safe in any order: the directory is renamed into place only when complete, and a
+    complete directory without its database row is registered rather than written again.
+    """
+    with context.store.transaction() as tx:
+        existing = tx.generations.find(FOUNDATION_ID)
+    if existing is not None:
+        return existing, False
+    artifacts = context.artifacts
+    artifacts.clean_temporaries()
+    if FOUNDATION_ID not in artifacts.ids():
+        from transformers.utils import logging as transformers_logging  # heavy: only when there is work to do
+
+        from selftune.learners.foundation import materialise  # torch: only when there is work to do
+
+        transformers_logging.disable_progress_bar()
+        artifacts.write(FOUNDATION_ID, lambda directory: materialise(source, directory),
+                        {"parent": None, "branch": MAIN_BRANCH, "kind": "foundation"})
+    manifest = artifacts.verify(FOUNDATION_ID)
+    with context.store.transaction(write=True) as tx:
+        tx.branches.create(MAIN_BRANCH)
+        generation = tx.generations.add(
+            id=FOUNDATION_ID, parent_id=None, branch=MAIN_BRANCH, status="promoted",
+            path=str(artifacts.root / str(FOUNDATION_ID)), checksum=manifest["checksum"],
+            params=manifest["params"], metrics={"foundation": source},
+        )
+        tx.branches.set_root(MAIN_BRANCH, FOUNDATION_ID)
+        tx.aliases.set(MAIN_BRANCH, CHAMPION, FOUNDATION_ID)
+    return generation, True
+
+
+def make_champion(tx: UnitOfWork, branch: str, generation_id: int, replay_buffer: list[int]) -> None:
     """Inside a transaction: the generation becomes the branch's champion, and the replay buffer its trainer
     left (earlier members and this cycle's rows, as the replay policy chose) becomes the branch's."""
     tx.generations.set_status(generation_id, "promoted")
-    tx.aliases.set(branch, "champion", generation_id)
-    challenger = tx.aliases.get(branch, "challenger")
+    tx.aliases.set(branch, CHAMPION, generation_id)
+    challenger = tx.aliases.get(branch, CHALLENGER)
     if challenger is not None and challenger.generation_id == generation_id:
-        tx.aliases.remove(branch, "challenger")
+        tx.aliases.remove(branch, CHALLENGER)
     tx.replay.remove(branch, [m.interaction_id for m in tx.replay.members(branch)])
     tx.replay.add_many([ReplayMember(branch, i, generation_id) for i in replay_buffer])
 
@@ -38,14 +73,14 @@ def promote(context: Context, generation_id: int) -> Generation:
 def rollback(context: Context, branch: str) -> Generation:
     """Move the branch's champion back to the champion's parent."""
     with context.store.transaction(write=True) as tx:
-        current = tx.aliases.get(branch, "champion")
+        current = tx.aliases.get(branch, CHAMPION)
         if current is None:
             raise NotFoundError(f"branch {branch!r} has no champion to roll back")
         generation = tx.generations.get(current.generation_id)
         root = tx.branches.get(branch).root_generation_id
         if generation.parent_id is None or generation.id == root:
             raise ConflictError(f"generation {generation.id} is where branch {branch!r} starts: nothing to roll back to")
-        tx.aliases.set(branch, "champion", generation.parent_id)
+        tx.aliases.set(branch, CHAMPION, generation.parent_id)
         return tx.generations.get(generation.parent_id)
 
 
@@ -60,7 +95,7 @@ def create_branch(context: Context, name: str, from_generation: int, domain: str
         if domain is not None and (taken := [b.name for b in tx.branches.list() if b.domain == domain]):
             raise ConflictError(f"domain {domain!r} is routed to branch {taken[0]!r} already")
         branch = tx.branches.create(name, root_generation_id=from_generation, domain=domain)
-        tx.aliases.set(name, "champion", from_generation)
+        tx.aliases.set(name, CHAMPION, from_generation)
         inherited = tx.replay.members(source.branch)
         tx.replay.add_many([ReplayMember(name, m.interaction_id, m.experience, m.priority) for m in inherited])
         return branch

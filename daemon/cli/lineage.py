@@ -10,21 +10,28 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from selftune.daemon.cli.main import JsonOption, _context, console
+from selftune.policies.records import CHAMPION
+
+from selftune.daemon.cli.common import JsonOption, console, open_context
+from selftune.daemon.context import Context
+from selftune.daemon.cycle.control import resume_cycles, running_cycle, start_cycle
+from selftune.daemon.lineage import create_branch
+from selftune.daemon.lineage import promote as promote_generation
+from selftune.daemon.lineage import rollback as rollback_branch
+from selftune.daemon.views import cycle_view
 
 branch_app = typer.Typer(help="Branches: specialised lines of generations.", no_args_is_help=True)
 FINAL = ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
 
 
 def cycle(ctx: typer.Context,
-          branch: Annotated[str, typer.Option(help="Branch to run the cycle on.")] = "main",
+          branch: Annotated[str | None, typer.Option(help="Branch to run the cycle on "
+                                                           "\\[default: ingest.default_branch].")] = None,
           wait: Annotated[bool, typer.Option("--wait", help="Wait for the cycle to finish, showing its progress.")] = False,
           as_json: JsonOption = False) -> None:
     """Run one cycle on a branch: train on its new interactions and gate a new generation."""
-    from selftune.daemon.cycle.control import resume_cycles, running_cycle, start_cycle
-    from selftune.daemon.views import cycle_view
-
-    context = _context(ctx)
+    context = open_context(ctx)
+    branch = branch or context.config.ingest.default_branch  # as the API's POST /v1/cycles
     unfinished = running_cycle(context)
     if unfinished is not None and unfinished.branch == branch:
         resume_cycles(context)  # a cycle interrupted by a crash goes on where it stopped
@@ -45,9 +52,7 @@ def cycle(ctx: typer.Context,
         raise typer.Exit(1)
 
 
-def _wait(context: Any, cycle_id: int, show: bool) -> dict[str, Any]:
-    from selftune.daemon.views import cycle_view
-
+def _wait(context: Context, cycle_id: int, show: bool) -> dict[str, Any]:
     with Live(console=console, transient=True, auto_refresh=False, redirect_stderr=False) as live:
         while (view := cycle_view(context, cycle_id))["status"] not in FINAL:
             if show:
@@ -85,17 +90,13 @@ def _num(value: Any) -> str:
 
 def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")]) -> None:
     """Make a generation the champion of its branch (e.g. a candidate awaiting approval)."""
-    from selftune.daemon.lineage import promote as promote_generation
-
-    promoted = promote_generation(_context(ctx), generation)
+    promoted = promote_generation(open_context(ctx), generation)
     console.print(f"generation {promoted.id} is now the champion of branch {promoted.branch}")
 
 
 def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Branch name.")]) -> None:
     """Move a branch's champion back to the champion's parent."""
-    from selftune.daemon.lineage import rollback as rollback_branch
-
-    champion = rollback_branch(_context(ctx), branch)
+    champion = rollback_branch(open_context(ctx), branch)
     console.print(f"branch {branch}: champion is generation {champion.id} again")
 
 
@@ -104,9 +105,7 @@ def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
                   from_generation: Annotated[int, typer.Option("--from", help="Generation to fork from.")],
                   domain: Annotated[str | None, typer.Option(help="Route interactions of this domain to the branch.")] = None) -> None:
     """Fork a specialised line at a generation; its cycles use the interactions routed to it."""
-    from selftune.daemon.lineage import create_branch
-
-    branch = create_branch(_context(ctx), name, from_generation, domain)
+    branch = create_branch(open_context(ctx), name, from_generation, domain)
     routed = f"; interactions of domain {branch.domain!r} now go to it" if branch.domain else ""
     console.print(f"branch {branch.name} forked from generation {from_generation}{routed}")
 
@@ -114,10 +113,10 @@ def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
 @branch_app.command("list")
 def branch_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every branch with its root generation, domain and champion."""
-    context = _context(ctx)
+    context = open_context(ctx)
     with context.store.transaction() as tx:
         rows = [{"name": b.name, "root": b.root_generation_id, "domain": b.domain,
-                 "champion": (a.generation_id if (a := tx.aliases.get(b.name, "champion")) else None)}
+                 "champion": (a.generation_id if (a := tx.aliases.get(b.name, CHAMPION)) else None)}
                 for b in tx.branches.list()]
     if as_json:
         print(json.dumps(rows))

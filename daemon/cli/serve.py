@@ -1,4 +1,4 @@
-"""``selftune serve`` and ``selftune token create|list|revoke`` (registered at the end of cli.py)."""
+"""CLI commands ``selftune serve`` and ``selftune token create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from rich.table import Table
 
 from selftune.policies.records import TOKEN_SCOPES
 
-from selftune.daemon.cli.main import JsonOption, _context, console, err
+from selftune.daemon.cli.common import JsonOption, console, err, fail, open_context
 
 
 def serve(ctx: typer.Context,
           host: Annotated[str | None, typer.Option(help="Address to bind (default: server.host, 127.0.0.1).")] = None,
           port: Annotated[int | None, typer.Option(help="TCP port (default: server.port, 8421).")] = None) -> None:
     """Run the service: the HTTP API (OpenAI-compatible chat included) and the cycle scheduler."""
-    from selftune.daemon.service.lifecycle import run_service
+    from selftune.daemon.service.lifecycle import run_service  # the HTTP app and uvicorn: slow to import
 
-    context = _context(ctx)
+    context = open_context(ctx)
     code = run_service(context, host or context.config.server.host, port or context.config.server.port)
     raise typer.Exit(code)
 
@@ -37,9 +37,8 @@ def create_token(ctx: typer.Context,
                  ) -> None:
     """Create a token and print it, once, as the last word of the output (only its hash is stored)."""
     if scope not in TOKEN_SCOPES:
-        err.print(f"[bold red]error:[/] --scope {scope!r}: use one of {', '.join(TOKEN_SCOPES)}", highlight=False)
-        raise typer.Exit(2)
-    context = _context(ctx)
+        fail(f"--scope {scope!r}: use one of {', '.join(TOKEN_SCOPES)}", code=2)
+    context = open_context(ctx)
     label = name or f"{scope}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     with context.store.transaction(write=True) as tx:
         token, secret = tx.tokens.create(label, scope)
@@ -50,7 +49,7 @@ def create_token(ctx: typer.Context,
 @token_app.command("list")
 def list_tokens(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every token: id, name, scope, created, revoked (never the secret)."""
-    with _context(ctx).store.transaction() as tx:
+    with open_context(ctx).store.transaction() as tx:
         tokens = tx.tokens.list()
     rows = [{"id": t.id, "name": t.name, "scope": t.scope, "created_at": t.created_at.isoformat(),
              "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None} for t in tokens]
@@ -70,6 +69,6 @@ def list_tokens(ctx: typer.Context, as_json: JsonOption = False) -> None:
 def revoke_token(ctx: typer.Context,
                  token_id: Annotated[int, typer.Argument(help="Token id (token list shows them).")]) -> None:
     """Revoke a token: requests with it are refused from now on."""
-    with _context(ctx).store.transaction(write=True) as tx:
+    with open_context(ctx).store.transaction(write=True) as tx:
         token = tx.tokens.revoke(token_id)
     console.print(f"revoked {token.scope} token {token.id} ({token.name})")

@@ -28,7 +28,7 @@ def free_port() -> int:
 def init_state(state: Path, foundation: Path, config: str = "") -> Path:
     """A state directory with generation 0 (the given model) as the champion of ``main``."""
     from selftune.daemon.context import Context
-    from selftune.daemon.foundation import ensure_generation_zero
+    from selftune.daemon.lineage import ensure_generation_zero
 
     state.mkdir(parents=True, exist_ok=True)
     if config:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import selftune.daemon.cli
+from selftune.daemon.context import Context
+from selftune.daemon.cycle.control import worker_alive
+
 SELFTUNE = str(Path(sys.executable).with_name("selftune"))
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "python_docs.jsonl"
+CLI_MODULES = sorted(m.name for m in pkgutil.iter_modules(selftune.daemon.cli.__path__, "selftune.daemon.cli."))
+SLOW_TO_IMPORT = ("torch", "transformers", "avalanche", "peft", "fastapi", "uvicorn", "matplotlib")
 
 
 def selftune(state: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -136,8 +145,32 @@ def test_embedded_foundation_end_to_end(tmp_path: Path) -> None:
     assert ingest_json(state, str(data)) == {"accepted": 2240, "duplicates": 1, "rejected": 0}
     assert ingest_json(state, str(data)) == {"accepted": 0, "duplicates": 2241, "rejected": 0}
     selftune(state, "export", "0", str(tmp_path / "gen0"))
-    ask = ("import sys; from selftune.learners.foundation import generate_answer; "
-           "print(generate_answer(sys.argv[1], 'What is the capital of France?'))")
+    ask = ("import sys; from selftune.learners.evaluate import generate_answers, load_model; "
+           "print(generate_answers(*load_model(sys.argv[1]), ['What is the capital of France?'])[0])")
     answer = subprocess.run([sys.executable, "-c", ask, str(tmp_path / "gen0")], capture_output=True, text=True,
                             check=True).stdout
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_each_cli_module_imports_on_its_own_and_lightly(module: str) -> None:
+    """No import circle between the command modules, and no slow library loaded before a command needs it."""
+    code = f"import sys, {module}; print(sorted(m for m in {SLOW_TO_IMPORT!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
+
+
+def test_cycle_runs_on_the_configured_default_branch(make_state: Callable[..., Path]) -> None:
+    """Without --branch, `selftune cycle` acts on ingest.default_branch, as POST /v1/cycles does."""
+    state = make_state('[ingest]\ndefault_branch = "side"\n')
+    selftune(state, "branch", "create", "side", "--from", "0")
+    started = json.loads(selftune(state, "cycle", "--json").stdout)
+    assert started["branch"] == "side", started
+    context = Context.open(str(state))  # the cycle has no new interactions: its worker soon ends it as skipped
+    deadline = time.monotonic() + 300
+    while worker_alive(context, started["cycle"]) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    with context.store.transaction() as tx:
+        assert tx.cycles.get(started["cycle"]).branch == "side"
+    context.store.engine.dispose()

@@ -1,0 +1,108 @@
+"""CLI commands over the state directory: init, status, generations, export, config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from selftune.daemon.cli.common import JsonOption, console, open_context
+from selftune.daemon.config import default_config_text
+from selftune.daemon.lineage import ensure_generation_zero
+from selftune.daemon.views import generations_view, status_view
+
+
+def init(ctx: typer.Context, foundation: Annotated[str | None, typer.Option(
+        help='Generation 0: "embedded" (SmolLM2-135M-Instruct) or a local transformers model directory '
+             "\\[default: model.foundation from the configuration]")] = None) -> None:
+    """Create the state directory and database, and materialise the foundation as generation 0."""
+    context = open_context(ctx)
+    written = context.write_default_config()
+    if written:
+        console.print(f"wrote the default configuration to {context.config_file}")
+    with console.status("materialising generation 0 (the foundation model)..."):
+        generation, created = ensure_generation_zero(context, foundation or context.config.model.foundation)
+    verb = "created" if created else "already initialised:"
+    console.print(f"{verb} generation {generation.id} of branch {generation.branch} "
+                  f"({generation.params:,} parameters) at {generation.path}; state in {context.state}")
+
+
+def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Interactions per branch and domain, generations, and aliases."""
+    view = status_view(open_context(ctx))
+    if as_json:
+        print(json.dumps(view, indent=2))
+        return
+    table = Table(title="Interactions")
+    for column in ("branch", "domain", "interactions"):
+        table.add_column(column, justify="right" if column == "interactions" else "left")
+    for row in view["interactions"]:
+        table.add_row(row["branch"], row["domain"] or "-", f"{row['count']:,}")
+    console.print(table)
+    _print_generations(view["generations"])
+
+
+def generations(ctx: typer.Context, as_json: JsonOption = False,
+                tree: Annotated[bool, typer.Option("--tree", help="Show the lineage as a tree.")] = False) -> None:
+    """Every generation: id, parent, branch, status, parameters, path and aliases."""
+    rows = generations_view(open_context(ctx))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif tree:
+        console.print(_lineage_tree(rows))
+    else:
+        _print_generations(rows)
+
+
+def export(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")],
+           directory: Annotated[Path, typer.Argument(help="New or empty directory to write the model to.")]) -> None:
+    """Write a generation as a transformers model directory, with its generation.json beside the weights."""
+    context = open_context(ctx)
+    with context.store.transaction() as tx:
+        tx.generations.get(generation)  # an unknown id fails here, naming it
+    out = context.artifacts.export(generation, directory)
+    console.print(f"exported generation {generation} to {out}")
+
+
+def show_config(ctx: typer.Context,
+                default: Annotated[bool, typer.Option("--default", help="Print the commented default file.")] = False) -> None:
+    """Print the configuration in force (after environment overrides), or the commented default."""
+    if default:
+        print(default_config_text(), end="")
+        return
+    context = open_context(ctx)
+    print(json.dumps({"state": str(context.state), "config_file": str(context.config_file),
+                      **asdict(context.config)}, indent=2))
+
+
+def _print_generations(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Generations")
+    for column in ("id", "parent", "branch", "status", "params", "aliases", "path"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["id"]), "-" if row["parent"] is None else str(row["parent"]), row["branch"],
+                      row["status"], f"{row['params']:,}", ", ".join(row["aliases"]) or "-", row["path"])
+    console.print(table)
+
+
+def _lineage_tree(rows: list[dict[str, Any]]) -> Tree:
+    colours = {"promoted": "green", "rejected": "red", "failed": "red", "candidate": "yellow"}
+    children: dict[int | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        children.setdefault(row["parent"], []).append(row)
+    root = Tree("[bold]lineage[/]")
+
+    def add(node: Tree, parent: int | None) -> None:
+        for row in children.get(parent, []):
+            aliases = f" [bold cyan]<{', '.join(row['aliases'])}>[/]" if row["aliases"] else ""
+            label = (f"[bold]{row['id']}[/] {row['branch']} [{colours.get(row['status'], 'white')}]{row['status']}[/]"
+                     f" {row['params'] / 1e6:.1f}M params{aliases}")
+            add(node.add(label), row["id"])
+
+    add(root, None)
+    return root
