@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from selftune.daemon.context import Context
-from selftune.daemon.reports.report import lineage_rows, render_lineage_html, write_reports
+from selftune.daemon.reports.lineage import lineage_rows, render_lineage_html
+from selftune.daemon.reports.render import write_reports
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"

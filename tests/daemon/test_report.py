@@ -21,15 +21,9 @@ from typer.testing import CliRunner
 from selftune.daemon.cli import main as cli
 from selftune.daemon.cli.report import report as report_command
 from selftune.daemon.context import Context
-from selftune.daemon.reports.report import (
-    build_report,
-    forgetting_rows,
-    lineage_rows,
-    lineage_snippet,
-    normalise_curves,
-    render_lineage_html,
-    write_reports,
-)
+from selftune.daemon.reports.lineage import lineage_rows, render_lineage_html
+from selftune.daemon.reports.model import build_report, forgetting_rows, lineage_snippet, normalise_curves
+from selftune.daemon.reports.render import write_reports
 
 HOSTILE = "<script>alert('x')</script> a | b & c"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

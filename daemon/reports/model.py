@@ -1,0 +1,191 @@
+"""The report model: what a generation's pages show, built from its generation.json, the cycle's evaluation
+suites and the lineage. Pure (no templates, no plots, no files), and JSON-ready: report.json is this dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+REPORT_URL = "/v1/generations/{id}/report"
+"""Where the HTTP API serves a generation's HTML report; the lineage page links there by default."""
+CURVES = (("loss", "training loss"), ("ewc_penalty", "EWC penalty"), ("tokens_per_s", "throughput (tokens/s)"))
+"""Training curves drawn, as (key in the learner's per-step records, title)."""
+SUMMARY_METRICS = (
+    ("new_data_loss", "new-data loss", "lower"),
+    ("foundation_probe_loss", "foundation probe loss", "lower"),
+    ("golden_pass_rate", "golden pass rate", "higher"),
+    ("params", "parameters", "lower"),
+    ("decode_tokens_per_s", "decode tokens/s", "higher"),
+)
+"""The headline numbers of a generation, parent vs child, and which direction is better."""
+
+
+def build_report(generation_id: int, manifest: Mapping[str, Any], suites: Mapping[str, Any],
+                 lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest plus what the pages show: headline numbers, forgetting matrix, samples, lineage, curves.
+
+    ``suites`` is the cycle's evaluate.json (``{"parent": {..., "samples": [...]}, "candidate": {...}}``);
+    ``lineage`` the rows of ``views.generations_view`` (optional: the report then shows parent and branch only).
+    JSON-ready: non-finite numbers become None (JSON has no NaN).
+    """
+    metrics = manifest.get("metrics") or {}
+    candidate, parent = metrics.get("candidate") or {}, metrics.get("parent") or {}
+    training = dict(manifest.get("training") or {})
+    training["curves"] = normalise_curves(training.get("curves"))
+    gates = list(manifest.get("gates") or [])
+    return _json_safe({
+        **manifest,
+        "id": generation_id,
+        "training": training,
+        "summary": summary_rows(candidate, parent),
+        "gates_passed": sum(1 for g in gates if g.get("passed")),
+        "data_mix": data_mix(manifest.get("data") or {}, training),
+        "forgetting": forgetting_rows(candidate, parent),
+        "samples": paired_samples(suites),
+        "lineage": lineage_snippet(generation_id, manifest, lineage),
+    })
+
+
+def summary_rows(candidate: Mapping[str, Any], parent: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Headline numbers parent -> child, each with its change and whether that change is for the better."""
+    rows = []
+    for key, label, better in SUMMARY_METRICS:
+        before, after = finite(parent.get(key)), finite(candidate.get(key))
+        relative = _relative(before, after)
+        improved = None if relative is None or relative == 0 else (relative < 0) == (better == "lower")
+        rows.append({"key": key, "label": label, "parent": before, "child": after, "relative": relative,
+                     "better": better, "improved": improved})
+    return rows
+
+
+def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
+    """Rows by outcome (in the order they flow), new rows vs the replay pool (buffer and the foundation's
+    rehearsal rows), how many training sequences
+    were replayed (from the per-step ``replayed``/``sequences`` curves or ``training.replayed_sequences``),
+    and rows excluded per selection filter."""
+    counts = data.get("counts") or {}
+    new = int(counts.get("train", len(data.get("train_ids") or [])))
+    pool = int(counts.get("replay", len(data.get("replay_ids") or [])))
+    curves = training.get("curves") or {}
+    replayed = _total(curves.get("replayed"))
+    replayed = replayed if replayed is not None else finite(training.get("replayed_sequences"))
+    sequences = _total(curves.get("sequences"))
+    if sequences is None and finite(training.get("steps")) and finite(training.get("batch_size")):
+        sequences = training["steps"] * training["batch_size"]
+    first = [k for k in ("interactions", "train", "held_out", "replay") if k in counts]
+    ordered = [*first, *sorted(k for k in counts if k not in first)]  # the flow of rows, then the exclusions
+    return {"new": new, "replay_pool": pool, "rehearsal": int(data.get("rehearsal_rows") or 0),
+            "replayed": replayed, "sequences": sequences,
+            "replay_share": replayed / sequences if replayed is not None and sequences else None,
+            "counts": [{"key": k, "label": k.replace("excluded_", "excluded: ").replace("_", " "), "rows": counts[k]}
+                       for k in ordered],
+            "exclusions": {k.removeprefix("excluded_"): v for k, v in counts.items() if k.startswith("excluded_")}}
+
+
+def _total(values: Any) -> float | None:
+    numbers = [v for v in (finite(x) for x in values or []) if v is not None]
+    return sum(numbers) if numbers else None
+
+
+def forgetting_rows(candidate: Mapping[str, Any], parent: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The forgetting matrix: held-out loss of parent and child on the new data, every earlier experience
+    (by domain) and the foundation probe, with the change (a rise is forgetting)."""
+    rows = [_loss_row("new data (this cycle, held out)", "new", parent.get("new_data_loss"),
+                      candidate.get("new_data_loss"))]
+    before, after = parent.get("experience_losses") or {}, candidate.get("experience_losses") or {}
+    rows += [_loss_row(f"experience: {domain}", "experience", before.get(domain), after.get(domain))
+             for domain in sorted(set(before) | set(after))]
+    if parent.get("foundation_probe_loss") is not None or candidate.get("foundation_probe_loss") is not None:
+        rows.append(_loss_row("foundation probe", "foundation", parent.get("foundation_probe_loss"),
+                              candidate.get("foundation_probe_loss")))
+    return rows
+
+
+def _loss_row(name: str, kind: str, parent: Any, child: Any) -> dict[str, Any]:
+    before, after = finite(parent), finite(child)
+    delta = None if before is None or after is None else after - before
+    return {"name": name, "kind": kind, "parent": before, "child": after, "delta": delta,
+            "relative": _relative(before, after)}
+
+
+def paired_samples(suites: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Parent's and child's answers to the same held-out prompts, side by side (matched by prompt)."""
+    parent = {s.get("prompt"): s for s in (suites.get("parent") or {}).get("samples") or []}
+    child = {s.get("prompt"): s for s in (suites.get("candidate") or {}).get("samples") or []}
+    prompts = list(dict.fromkeys([*child, *parent]))  # the child's order first, then any the parent alone has
+    return [{"prompt": prompt,
+             "reference": (child.get(prompt) or parent.get(prompt) or {}).get("reference"),
+             "parent": (parent.get(prompt) or {}).get("answer"),
+             "child": (child.get(prompt) or {}).get("answer")} for prompt in prompts]
+
+
+def normalise_curves(curves: Any) -> dict[str, list[Any]]:
+    """The learner's per-step records as ``{key: [value per step]}``, whether given as that already or as a
+    list of ``{"step", "loss", ...}`` records; missing values are None."""
+    if not curves:
+        return {}
+    if isinstance(curves, Mapping):
+        return {str(k): list(v) for k, v in curves.items() if isinstance(v, (list, tuple))}
+    records = [r for r in curves if isinstance(r, Mapping)]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return {k: [r.get(k) for r in records] for k in keys}
+
+
+def curve_stats(training: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """First, last, minimum and mean of each drawn curve (for Markdown, where there are no plots)."""
+    curves = training.get("curves") or {}
+    out = []
+    for key, title in CURVES:
+        values = [v for v in (finite(x) for x in curves.get(key) or []) if v is not None]
+        if values:
+            out.append({"key": key, "title": title, "first": values[0], "last": values[-1], "min": min(values),
+                        "mean": sum(values) / len(values), "points": len(values)})
+    return out
+
+
+def lineage_snippet(generation_id: int, manifest: Mapping[str, Any],
+                    rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Where the generation sits: its ancestors (root first), siblings (the parent's other children) and children."""
+    known = {r["id"]: _lineage_node(r) for r in rows or []}
+    me = known.get(generation_id) or _lineage_node({"id": generation_id, **manifest, "aliases": []})
+    ancestors, seen, parent = [], {generation_id}, me["parent"]
+    while parent is not None and parent not in seen:
+        seen.add(parent)
+        node = known.get(parent) or _lineage_node({"id": parent, "parent": None, "branch": None, "status": None})
+        ancestors.insert(0, node)
+        parent = node["parent"]
+    others = [n for n in known.values() if n["id"] != generation_id]
+    return {"self": me, "ancestors": ancestors,
+            "siblings": [n for n in others if me["parent"] is not None and n["parent"] == me["parent"]],
+            "children": [n for n in others if n["parent"] == generation_id],
+            "known": bool(rows)}
+
+
+def _lineage_node(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": row.get("id"), "parent": row.get("parent"), "branch": row.get("branch"),
+            "status": row.get("status"), "params": row.get("params"), "aliases": list(row.get("aliases") or [])}
+
+
+def finite(value: Any) -> float | int | None:
+    """A real, finite number as it is; anything else (None, NaN, infinity, a bool, text) as None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _relative(before: Any, after: Any) -> float | None:
+    if before is None or after is None or before == 0:
+        return None
+    return (after - before) / abs(before)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,108 @@
+"""A generation's reports, written into its directory before it is renamed into place.
+
+Per generation (rejected ones too): ``report.html`` (one self-contained page: CSS inline, plots as inline PNG,
+no external URL), ``report.md`` (for a terminal), ``report.json`` (the report model, for programs),
+``README.md`` (a Hugging Face model card) and ``plots/*.png``. Templates are jinja2 with autoescaping,
+because prompts, answers and domain names are user data.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from selftune.policies.records import FOUNDATION_ID
+
+from selftune.daemon.reports import text
+from selftune.daemon.reports.files import REPORT_FILES
+from selftune.daemon.reports.model import CURVES, build_report, curve_stats, finite
+from selftune.daemon.reports.plots import render_plots
+
+MODEL_CARD = "README.md"
+"""The model card's file name: the name the Hugging Face Hub reads."""
+PLOTS = "plots"
+"""The folder of the PNG plots inside a generation's directory."""
+
+
+def write_reports(directory: Path, generation_id: int, manifest: dict[str, Any], suites: dict[str, Any],
+                  lineage: list[dict[str, Any]] | None = None) -> None:
+    """Write report.json, report.md, report.html, README.md and plots/ into a generation's directory.
+
+    ``suites`` is the cycle's evaluate.json (``{"parent": {..., "samples": [...]}, "candidate": {...}}``);
+    ``lineage`` the rows of ``views.generations_view`` (optional: the report then shows parent and branch only).
+    """
+    report = build_report(generation_id, manifest, suites, lineage)
+    plots = render_plots(report)
+    if plots:
+        (directory / PLOTS).mkdir(exist_ok=True)
+        for name, png in plots.items():
+            (directory / PLOTS / f"{name}.png").write_bytes(png)
+    (directory / REPORT_FILES["json"].name).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    (directory / REPORT_FILES["md"].name).write_text(markdown_report(report), encoding="utf-8")
+    (directory / REPORT_FILES["html"].name).write_text(html_report(report, plots), encoding="utf-8")
+    (directory / MODEL_CARD).write_text(model_card(report), encoding="utf-8")
+
+
+def html_report(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+    """One self-contained HTML page: the plots are inlined as data URIs."""
+    inline = {name: "data:image/png;base64," + base64.b64encode(png).decode("ascii") for name, png in plots.items()}
+    return templates().get_template("report.html.j2").render(r=report, plots=inline, curve_names=CURVES)
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """Markdown for a terminal (``selftune report GEN --format md``) and for reading in a repository."""
+    return templates().get_template("report.md.j2").render(r=report, curve_stats=curve_stats(report["training"]))
+
+
+def model_card(report: Mapping[str, Any]) -> str:
+    """A Hugging Face model card: YAML front matter (tags, model-index with the evaluation metrics) and a body."""
+    front = yaml.safe_dump(model_card_metadata(report), sort_keys=False, allow_unicode=True)
+    body = templates().get_template("model_card.md.j2").render(r=report)
+    return f"---\n{front}---\n\n{body}"
+
+
+def model_card_metadata(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's YAML metadata: what the Hub indexes (library, pipeline, tags, metrics)."""
+    candidate = (report.get("metrics") or {}).get("candidate") or {}
+    measured = [("loss", "held-out loss on new data", candidate.get("new_data_loss")),
+                ("loss", "foundation probe loss", candidate.get("foundation_probe_loss")),
+                ("accuracy", "golden prompt pass rate", candidate.get("golden_pass_rate")),
+                *(("loss", f"held-out loss on experience {d}", v)
+                  for d, v in sorted((candidate.get("experience_losses") or {}).items()))]
+    metrics = [{"type": kind, "name": name, "value": round(float(value), 6)}
+               for kind, name, value in measured if finite(value) is not None]
+    return {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["selftune", "lora", "continual-learning", f"branch-{report.get('branch')}",
+                 f"status-{report.get('status')}"],
+        "model-index": [{
+            "name": f"selftune-generation-{report['id']}",
+            "results": [{"task": {"type": "text-generation", "name": "Text generation"},
+                         "dataset": {"type": "selftune-held-out", "name": f"held-out interactions of branch "
+                                                                         f"{report.get('branch')}"},
+                         "metrics": metrics}] if metrics else [],
+        }],
+    }
+
+
+@cache
+def templates() -> jinja2.Environment:
+    """The templates of the reports and the lineage page, with the filters they format numbers and text with."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("selftune.daemon.reports", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=True),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined,
+    )
+    environment.filters.update(num=text.number, brief=text.brief, pct=text.percent, count=text.count,
+                               md=text.markdown_cell, clip=text.clip)
+    environment.globals.update(status_class=text.status_class, foundation_id=FOUNDATION_ID, files=REPORT_FILES,
+                               model_card=MODEL_CARD)
+    return environment
