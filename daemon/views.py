@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from typing import Any
 
 from selftune.policies.records import Feedback, Interaction
 
 from selftune.daemon.context import Context
+from selftune.daemon.cycle.workdir import GATE_RESULT, PROGRESS_FILE, cycle_dir, read_result
 
 
 def generations_view(context: Context) -> list[dict[str, Any]]:
@@ -38,25 +38,20 @@ def status_view(context: Context) -> dict[str, Any]:
     }
 
 
-
 def cycle_view(context: Context, cycle_id: int) -> dict[str, Any]:
     """A cycle as ``{"cycle", "branch", "generation", "status", "state", "gates", "error", "steps", "progress"}``.
 
     ``status`` is the outcome ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
     or "running"; ``gates`` are ``{"name", "passed", "value", "threshold", "margin", "reason"}``.
     """
-    from selftune.daemon.cycle.control import cycle_dir
-
     with context.store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
         events = tx.cycles.events(cycle_id)
     directory = cycle_dir(context, cycle_id)
-    gates: list[dict[str, Any]] = []
-    if (directory / "gate.json").exists():
-        gates = json.loads((directory / "gate.json").read_text())["gates"]
+    verdict = read_result(directory, GATE_RESULT)
+    gates: list[dict[str, Any]] = verdict["gates"] if verdict else []
     for event in events:  # a candidate refused before the gates (e.g. non-finite weights) records its gate here
         gates = gates or event.detail.get("gates", [])
-    progress = directory / "progress.json"
     return {
         "cycle": cycle.id,
         "branch": cycle.branch,
@@ -69,7 +64,7 @@ def cycle_view(context: Context, cycle_id: int) -> dict[str, Any]:
         "steps": [{"step": e.step, "outcome": e.outcome, "started_at": e.started_at.isoformat(),
                    "finished_at": e.finished_at.isoformat() if e.finished_at else None, "detail": e.detail}
                   for e in events],
-        "progress": json.loads(progress.read_text()) if progress.exists() and cycle.outcome is None else None,
+        "progress": read_result(directory, PROGRESS_FILE) if cycle.outcome is None else None,
     }
 
 

@@ -3,6 +3,7 @@
 One cycle at a time per state directory: a file lock makes "is one running? then start" atomic
 across the service, the CLI and API requests. The worker runs ``selftune.daemon.cycle.recipe`` under a
 lower priority; the cycle's row and its step events in the database are the truth about it.
+Light on purpose (no torch): the API process and the CLI import it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from selftune.policies.errors import ConflictError, NotFoundError
-from selftune.policies.records import Cycle
+from selftune.policies.records import CHAMPION, Cycle
+from selftune.storage.contracts import UnitOfWork
 
 from selftune.daemon.context import Context
+from selftune.daemon.cycle.workdir import WORKER_LOG_FILE, WORKER_PID_FILE, cycle_dir
 
 FIRST_STEP = "select"
-
-
-def cycle_dir(context: Context, cycle_id: int) -> Path:
-    return context.state / "cycles" / str(cycle_id)
+LOCK_FILE = "cycle.lock"
+"""In the state directory: held while checking for a running cycle and starting one."""
 
 
 @contextmanager
 def _cycle_lock(context: Context) -> Iterator[None]:
     context.state.mkdir(parents=True, exist_ok=True)
-    with open(context.state / "cycle.lock", "w") as handle:
+    with open(context.state / LOCK_FILE, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -54,7 +54,7 @@ def start_cycle(context: Context, branch: str, trigger: str) -> Cycle:
                                 f"(step {current.state}): wait for it, or cancel it first")
         with context.store.transaction(write=True) as tx:
             tx.branches.get(branch)
-            champion = tx.aliases.get(branch, "champion")
+            champion = tx.aliases.get(branch, CHAMPION)
             if champion is None:
                 raise NotFoundError(f"branch {branch!r} has no champion: run `selftune init` first")
             cycle = tx.cycles.create(branch, FIRST_STEP, parent_generation_id=champion.generation_id)
@@ -75,7 +75,8 @@ def resume_cycles(context: Context) -> list[int]:
 
 
 def cancel_cycle(context: Context, cycle_id: int) -> Cycle:
-    """Ask the cycle's worker to stop: it checkpoints training and ends the cycle as "cancelled"."""
+    """Ask the cycle's worker to stop (SIGTERM): it checkpoints training and records the step it was in and
+    the cycle as "cancelled". Returns the cycle as it is now (still unfinished while its worker stops)."""
     with context.store.transaction() as tx:
         cycle = tx.cycles.get(cycle_id)
     if cycle.finished_at is not None:
@@ -85,13 +86,21 @@ def cancel_cycle(context: Context, cycle_id: int) -> Cycle:
         os.kill(pid, signal.SIGTERM)
     else:  # no worker: nothing can be mid-write, so the cycle can be closed here
         with context.store.transaction(write=True) as tx:
+            close_running_steps(tx, cycle_id, "interrupted")  # by the crash that took its worker
             cycle = tx.cycles.finish(cycle_id, "cancelled", "cancelled while no worker was running")
     return cycle
 
 
+def close_running_steps(tx: UnitOfWork, cycle_id: int, outcome: str) -> None:
+    """Inside a write transaction: close the cycle's step records still marked "running" with ``outcome``."""
+    for event in tx.cycles.events(cycle_id):
+        if event.outcome == "running":
+            tx.cycles.finish_event(event.id, outcome)
+
+
 def worker_pid(context: Context, cycle_id: int) -> int | None:
     try:
-        return int((cycle_dir(context, cycle_id) / "worker.pid").read_text())
+        return int((cycle_dir(context, cycle_id) / WORKER_PID_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -118,7 +127,7 @@ def _spawn_worker(context: Context, cycle_id: int) -> None:
     nice = context.config.cycle.nice
     command = [sys.executable, "-m", "selftune.daemon.cycle.worker", "--state", str(context.state),
                "--config", str(context.config_file), str(cycle_id)]
-    with open(directory / "worker.log", "ab") as log:
+    with open(directory / WORKER_LOG_FILE, "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=lambda: os.nice(nice))  # noqa: PLW1509
-    (directory / "worker.pid").write_text(str(process.pid))
+    (directory / WORKER_PID_FILE).write_text(str(process.pid))

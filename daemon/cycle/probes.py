@@ -17,13 +17,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+# torch and transformers load at import: only the cycle's worker (and benchmarks) import this module.
+from selftune.learners import evaluate as ev
+from selftune.policies.records import FOUNDATION_ID
+
 from selftune.daemon.context import Context
 
 PROBE_PROMPTS = Path(__file__).with_name("probe_prompts.json")
 REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal_prompts.json")
 PROBE_FILE = "foundation_probe.json"
+"""In the state directory: the probe rows and generation 0's loss on them, recorded once."""
 REHEARSAL_FILE = "foundation_rehearsal.json"
-FOUNDATION_ID = 0
+"""In the state directory: the rehearsal rows, recorded once."""
 ANSWER_TOKENS = 160
 """Answers the foundation does not end within this many tokens are left out (a cut-off turn is not its answer)."""
 
@@ -56,8 +61,6 @@ def _record(context: Context, prompts_file: Path, name: str, *, with_loss: bool)
     path = context.state / name
     if path.exists():
         return json.loads(path.read_text())
-    from selftune.learners import evaluate as ev
-
     model, tokenizer = ev.load_model(context.artifacts.path(FOUNDATION_ID))
     prompts = json.loads(prompts_file.read_text())
     answers = ev.complete_answers(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)

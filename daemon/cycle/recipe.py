@@ -14,33 +14,47 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+# torch, transformers and peft load at import: only the worker process imports this module, and it evaluates.
+from selftune.learners import evaluate as ev
+from selftune.learners import jobs
+from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
+from selftune.learners.prune import prune_directory
 from selftune.policies.errors import NotFoundError
 from selftune.policies.gates import GateResult, SuiteMetrics, evaluate_gates, promotion_decision
-from selftune.policies.records import Cycle, Generation, Interaction, Message
+from selftune.policies.records import CHALLENGER, Cycle, Interaction, Message
 from selftune.policies.selection import golden_prompts, select_training_data
 
 from selftune.daemon.context import Context
-from selftune.daemon.cycle.control import cycle_dir
-from selftune.daemon.lineage import make_champion
+from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps
+from selftune.daemon.cycle.manifest import carries_fisher, generation_manifest
 from selftune.daemon.cycle.probes import foundation_probe, foundation_probe_loss, foundation_rehearsal
+from selftune.daemon.cycle.workdir import (
+    EVALUATE_RESULT, GATE_RESULT, GENERATION_ID_FILE, HEAL_DIR, HEAL_RESULT, HEALED_DIR, INTERMEDIATES,
+    MERGE_RESULT, MERGED_DIR, PROGRESS_FILE, PRUNE_RESULT, PRUNED_DIR, REHEARSAL_RESULT, REPLAY_RESULT,
+    SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, TRAINER_PID_FILE, Work, cycle_dir,
+)
+from selftune.daemon.lineage import make_champion
+from selftune.daemon.reports.render import write_reports
 from selftune.daemon.views import generations_view
 
 CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
-STEPS = ("select", "replay", "train", "merge", "prune", "heal", "evaluate", "gate", "package", "promote")
-INTERMEDIATES = ("merged", "pruned", "healed", "train/checkpoint", "heal/checkpoint")
-"""What a finished cycle's directory no longer needs (hundreds of MB each with the real model)."""
+STEPS = (FIRST_STEP, "replay", "train", "merge", "prune", "heal", "evaluate", "gate", "package", "promote")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+"""The candidate's transformers files a generation holds (with the trainer's adapter and Fisher, same names)."""
 
 
 class Cancelled(BaseException):
-    """Raised in the worker by SIGTERM (a BaseException, so no step swallows it)."""
+    """Raised in the worker by SIGTERM (a BaseException, so no step swallows it).
+
+    The step it stops is recorded "cancelled", and so is the cycle (by the worker)."""
 
 
 class Rejected(Exception):
@@ -51,47 +65,11 @@ class Rejected(Exception):
         self.gate = gate
 
 
-@dataclass
-class Work:
-    """Where one cycle's steps read and write."""
-
-    context: Context
-    cycle: Cycle
-    parent: Generation
-
-    @property
-    def dir(self) -> Path:
-        return cycle_dir(self.context, self.cycle.id)
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
-
-    def read(self, name: str) -> Any:
-        return json.loads(self.path(name).read_text())
-
-    def write(self, name: str, value: Any) -> None:
-        """Atomically: a crash leaves the old file or the new one, never half of one."""
-        tmp = self.path(name + ".tmp")
-        tmp.write_text(json.dumps(value, indent=1, default=str))
-        os.replace(tmp, self.path(name))
-
-    @property
-    def parent_dir(self) -> Path:
-        return Path(self.parent.path)
-
-    @property
-    def candidate_dir(self) -> Path:
-        pruning = self.context.config.pruning
-        if not pruning.enabled:
-            return self.path("merged")
-        return self.path("healed") if pruning.heal_steps else self.path("pruned")
-
-
 # -- the steps ------------------------------------------------------------------------------------------
 
 
 def select(work: Work) -> dict[str, Any]:
-    """New interactions of the branch since the parent's cutoff, filtered and split; plus replay rows."""
+    """New interactions of the branch since the parent's cutoff, filtered and split; plus golden prompts."""
     config = work.context.config
     cutoff = work.parent.metrics.get("cutoff", {}).get(work.cycle.branch, 0)
     with work.context.store.transaction() as tx:
@@ -111,7 +89,7 @@ def select(work: Work) -> dict[str, Any]:
         "golden": [{"id": g.interaction_id, "messages": _messages(g.context), "expected": g.expected,
                     "rejected": list(g.rejected)} for g in golden],
     }
-    work.write("select.json", result)
+    work.write(SELECT_RESULT, result)
     return {k: result[k] for k in ("proceed", "reason", "counts")}
 
 
@@ -122,35 +100,31 @@ def replay(work: Work) -> dict[str, Any]:
         rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
                  "priority": m.priority} for m in members]
     rehearsal = foundation_rehearsal(work.context, work.context.config.replay.rehearsal)
-    work.write("replay.json", rows)
-    work.write("rehearsal.json", rehearsal)
+    work.write(REPLAY_RESULT, rows)
+    work.write(REHEARSAL_RESULT, rehearsal)
     return {"rows": len(rows), "experiences": len({r["experience"] for r in rows}), "rehearsal": len(rehearsal)}
 
 
 def train(work: Work) -> dict[str, Any]:
     """LoRA on the parent with replay and EWC, in a child process that checkpoints and can resume."""
-    from selftune.learners import jobs
-
     config = work.context.config
-    workdir = work.path("train")
+    workdir = work.path(TRAIN_DIR)
     _stop_orphan_training(work)
     if not (workdir / jobs.JOB_FILE).exists():
-        parent_fisher = work.parent_dir / "fisher.safetensors"
-        jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read("select.json")["train"],
-                       replay_rows=work.read("replay.json"), rehearsal_rows=work.read("rehearsal.json"),
+        parent_fisher = work.parent_dir / jobs.FISHER_FILE
+        jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read(SELECT_RESULT)["train"],
+                       replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
                        experience=work.cycle.id, train=config.train,
                        replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
     result, curves = _run_training(work, workdir, config.train.steps)
-    work.write("train.json", {**result, "curves": curves})
+    work.write(TRAIN_RESULT, {**result, "curves": curves})
     return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
 
 
 def _run_training(work: Work, workdir: Path, total_steps: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Start (or resume) the job in ``workdir`` as a child process and watch it to the end."""
-    from selftune.learners import jobs
-
     run = jobs.start_training(workdir)
-    work.path("training.pid").write_text(str(run.pid))
+    work.path(TRAINER_PID_FILE).write_text(str(run.pid))
     try:
         while run.poll() is None:
             _report_progress(work, run.last_progress(), total_steps)
@@ -169,7 +143,7 @@ def _run_training(work: Work, workdir: Path, total_steps: int) -> tuple[dict[str
 def _stop_orphan_training(work: Work) -> None:
     """A trainer left running by a killed worker is stopped (it checkpoints) before the step starts again."""
     try:
-        pid = int(work.path("training.pid").read_text())
+        pid = int(work.path(TRAINER_PID_FILE).read_text())
         os.kill(pid, signal.SIGTERM)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return
@@ -184,105 +158,98 @@ def _stop_orphan_training(work: Work) -> None:
 
 def _report_progress(work: Work, last: dict[str, Any] | None, total_steps: int) -> None:
     if last is not None:
-        work.write("progress.json", {**last, "total_steps": total_steps})
+        work.write(PROGRESS_FILE, {**last, "total_steps": total_steps})
 
 
 def merge(work: Work) -> dict[str, Any]:
-    from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
-
-    shutil.rmtree(work.path("merged"), ignore_errors=True)
+    """The trained adapter folded into the parent's weights (trimmed to the energy it keeps, if set)."""
+    shutil.rmtree(work.path(MERGED_DIR), ignore_errors=True)
     try:
-        facts = merge_adapter(work.parent_dir, work.path("train") / "adapter", work.path("merged"),
+        facts = merge_adapter(work.parent_dir, work.path(TRAIN_DIR) / jobs.ADAPTER_DIR, work.path(MERGED_DIR),
                               trim=work.context.config.trim)
     except NonFiniteWeightsError as exc:
         raise Rejected(GateResult("finite_weights", False, None, None, None, str(exc))) from exc
-    work.write("merge.json", facts)
+    work.write(MERGE_RESULT, facts)
     return facts
 
 
 def prune(work: Work) -> dict[str, Any]:
+    """Structured pruning of the merged model, planned on this cycle's own traffic (if enabled)."""
     config = work.context.config.pruning
     if not config.enabled:
         return {"enabled": False}
-    from selftune.learners.prune import prune_directory
-
-    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in work.read("select.json")["train"]]
-    shutil.rmtree(work.path("pruned"), ignore_errors=True)
-    report = prune_directory(work.path("merged"), work.path("pruned"), traffic, config)
-    work.write("prune.json", report)
+    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in work.read(SELECT_RESULT)["train"]]
+    shutil.rmtree(work.path(PRUNED_DIR), ignore_errors=True)
+    report = prune_directory(work.path(MERGED_DIR), work.path(PRUNED_DIR), traffic, config)
+    work.write(PRUNE_RESULT, report)
     return {k: report.get(k) for k in ("params_before", "params_after", "layers_removed")}
 
 
 def heal(work: Work) -> dict[str, Any]:
     """A short LoRA pass on the pruned model (new rows and the same replay pool, no EWC), merged in."""
-    from selftune.learners import jobs
-    from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
-
     config = work.context.config
     if not (config.pruning.enabled and config.pruning.heal_steps):
         return {"enabled": False}
-    workdir = work.path("heal")
+    workdir = work.path(HEAL_DIR)
     _stop_orphan_training(work)
     if not (workdir / jobs.JOB_FILE).exists():
-        jobs.write_job(workdir, base_model=work.path("pruned"), train_rows=work.read("select.json")["train"],
-                       replay_rows=work.read("replay.json"), rehearsal_rows=work.read("rehearsal.json"),
+        jobs.write_job(workdir, base_model=work.path(PRUNED_DIR), train_rows=work.read(SELECT_RESULT)["train"],
+                       replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
                        experience=work.cycle.id, train=replace(config.train, steps=config.pruning.heal_steps),
                        replay=config.replay, ewc=replace(config.ewc, strength=0.0, fisher_examples=0))
     result, curves = _run_training(work, workdir, config.pruning.heal_steps)
-    shutil.rmtree(work.path("healed"), ignore_errors=True)
+    shutil.rmtree(work.path(HEALED_DIR), ignore_errors=True)
     try:
-        merge_adapter(work.path("pruned"), workdir / "adapter", work.path("healed"))
+        merge_adapter(work.path(PRUNED_DIR), workdir / jobs.ADAPTER_DIR, work.path(HEALED_DIR))
     except NonFiniteWeightsError as exc:
         raise Rejected(GateResult("finite_weights", False, None, None, None, f"heal: {exc}")) from exc
     facts = {"enabled": True, **{k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s")},
              "curves": curves}
-    work.write("heal.json", facts)
+    work.write(HEAL_RESULT, facts)
     return {k: v for k, v in facts.items() if k != "curves"}
 
 
 def evaluate(work: Work) -> dict[str, Any]:
     """The same suites on the candidate and its parent: new data, earlier experiences, foundation, golden, speed."""
-    from selftune.learners import evaluate as ev
-
-    data = work.read("select.json")
+    data = work.read(SELECT_RESULT)
     limit = work.context.config.cycle.max_eval_rows
     experiences = _experience_rows(work, limit)
     probe = foundation_probe(work.context)
     suites = {}
+    length = work.context.config.train.max_length  # held-out rows are cut where training cuts them: same tokens
     for name, directory in (("parent", work.parent_dir), ("candidate", work.candidate_dir)):
         model, tokenizer = ev.load_model(directory)
         golden = [(g["messages"], [g["expected"], *g["rejected"]], 0) for g in data["golden"] if g["rejected"]]
         suites[name] = {
-            "new_data_loss": ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit])).loss,
-            "experience_losses": {domain: ev.held_out_loss(model, tokenizer, _pairs(rows)).loss
+            "new_data_loss": ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit]), max_length=length).loss,
+            "experience_losses": {domain: ev.held_out_loss(model, tokenizer, _pairs(rows), max_length=length).loss
                                   for domain, rows in experiences.items() if rows},
             "foundation_probe_loss": ev.held_out_loss(model, tokenizer, probe).loss if probe else None,
             "golden_pass_rate": ev.choice_accuracy(model, tokenizer, golden).accuracy if golden else None,
             "golden_count": len(golden),
             "params": ev.parameter_count(model),
             "decode_tokens_per_s": ev.decode_tokens_per_second(model, tokenizer).tokens_per_s,
-            "samples": _samples(ev, model, tokenizer, data["held_out"], work.context.config.cycle.sample_answers),
+            "samples": _samples(model, tokenizer, data["held_out"], work.context.config.cycle.sample_answers),
         }
-    work.write("evaluate.json", suites)
+    work.write(EVALUATE_RESULT, suites)
     return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
 
 
 def gate(work: Work) -> dict[str, Any]:
-    suites = work.read("evaluate.json")
+    """The gates on the two suites (and the foundation's, for drift), and what to do with the candidate."""
+    suites = work.read(EVALUATE_RESULT)
     config = work.context.config
     results = evaluate_gates(_suite(suites["candidate"]), _suite(suites["parent"]), config.gates,
                              foundation=_foundation_suite(work))
     decision = promotion_decision(results, config.cycle.auto_promote)
     verdict = {"action": decision.action, "status": decision.status, "reason": decision.reason,
                "gates": [r.to_dict() for r in results]}
-    work.write("gate.json", verdict)
+    work.write(GATE_RESULT, verdict)
     return {"action": decision.action, "reason": decision.reason}
 
 
 def package(work: Work) -> dict[str, Any]:
     """Write the generation directory (model, adapter, Fisher, reports, manifest), renamed into place."""
-    from selftune.daemon.reports.report import write_reports
-
     generation_id = _reserved_generation_id(work)
     artifacts = work.context.artifacts
     if generation_id not in artifacts.ids():
@@ -292,10 +259,10 @@ def package(work: Work) -> dict[str, Any]:
             for name in MODEL_FILES:
                 if (work.candidate_dir / name).exists():
                     shutil.copy2(work.candidate_dir / name, directory / name)
-            shutil.copytree(work.path("train") / "adapter", directory / "adapter")
-            if _carries_fisher(work):
-                shutil.copy2(work.path("train") / "fisher.safetensors", directory / "fisher.safetensors")
-            write_reports(directory, generation_id, manifest, work.read("evaluate.json"), lineage=generations_view(work.context))
+            shutil.copytree(work.path(TRAIN_DIR) / jobs.ADAPTER_DIR, directory / jobs.ADAPTER_DIR)
+            if carries_fisher(work):
+                shutil.copy2(work.path(TRAIN_DIR) / jobs.FISHER_FILE, directory / jobs.FISHER_FILE)
+            write_reports(directory, generation_id, manifest, work.read(EVALUATE_RESULT), lineage=generations_view(work.context))
             return {}
 
         artifacts.write(generation_id, fill, manifest)
@@ -306,26 +273,26 @@ def package(work: Work) -> dict[str, Any]:
 def promote(work: Work) -> dict[str, Any]:
     """Record the generation; move the alias (champion, or challenger awaiting approval); update replay."""
     generation_id = _reserved_generation_id(work)
-    manifest = work.context.artifacts.verify(generation_id, deep=False)
-    verdict = work.read("gate.json")
+    artifacts = work.context.artifacts
+    manifest = artifacts.verify(generation_id, deep=False)
+    verdict = work.read(GATE_RESULT)
     branch = work.cycle.branch
     with work.context.store.transaction(write=True) as tx:
         if tx.generations.find(generation_id) is None:
-            tx.generations.add(branch, str(work.context.artifacts.root / str(generation_id)), manifest["checksum"],
+            tx.generations.add(branch, str(artifacts.path(generation_id)), manifest["checksum"],
                                manifest["params"], parent_id=work.parent.id, status=verdict["status"],
                                metrics=manifest["metrics"], cycle_id=work.cycle.id, id=generation_id)
         if verdict["action"] == "promote":
             make_champion(tx, branch, generation_id, manifest["data"]["replay_buffer"])
         elif verdict["action"] == "await_approval":
-            tx.aliases.set(branch, "challenger", generation_id)
+            tx.aliases.set(branch, CHALLENGER, generation_id)
         tx.cycles.set_generation(work.cycle.id, generation_id)
     return {"generation": generation_id, "status": verdict["status"]}
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Work], dict[str, Any]]] = {
-    "select": select, "replay": replay, "train": train, "merge": merge, "prune": prune, "heal": heal, "evaluate": evaluate,
-    "gate": gate, "package": package, "promote": promote,
-}
+    step.__name__: step for step in (select, replay, train, merge, prune, heal, evaluate, gate, package, promote)}
+assert tuple(STEP_FUNCTIONS) == STEPS
 
 
 # -- running them ---------------------------------------------------------------------------------------
@@ -339,9 +306,7 @@ def run_cycle(context: Context, cycle_id: int) -> Cycle:
     work = Work(context, cycle, parent)
     work.dir.mkdir(parents=True, exist_ok=True)
     with context.store.transaction(write=True) as tx:  # steps a crash cut short are re-run below; close their records
-        for event in tx.cycles.events(cycle_id):
-            if event.outcome == "running":
-                tx.cycles.finish_event(event.id, "interrupted")
+        close_running_steps(tx, cycle_id, "interrupted")
     for step in STEPS[STEPS.index(cycle.state):]:
         try:
             detail = _recorded(work, step)
@@ -352,7 +317,7 @@ def run_cycle(context: Context, cycle_id: int) -> Cycle:
         next_step = STEPS[STEPS.index(step) + 1] if step != STEPS[-1] else "done"
         with context.store.transaction(write=True) as tx:
             tx.cycles.set_state(cycle_id, next_step)
-    return _finish(context, cycle_id, work.read("gate.json")["status"], None)
+    return _finish(context, cycle_id, work.read(GATE_RESULT)["status"], None)
 
 
 def _recorded(work: Work, step: str) -> dict[str, Any]:
@@ -365,6 +330,9 @@ def _recorded(work: Work, step: str) -> dict[str, Any]:
         detail = STEP_FUNCTIONS[step](work)
     except Rejected as exc:
         _close_event(work, event.id, "rejected", {"reason": str(exc), "seconds": time.time() - started})
+        raise
+    except Cancelled:
+        _close_event(work, event.id, "cancelled", {"seconds": time.time() - started})
         raise
     except BaseException as exc:
         _close_event(work, event.id, "failed", {"error": f"{type(exc).__name__}: {exc}", "seconds": time.time() - started})
@@ -393,59 +361,14 @@ def _finish(context: Context, cycle_id: int, outcome: str, error: str | None, ga
 # -- helpers --------------------------------------------------------------------------------------------
 
 
-def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
-    """generation.json: parent, branch, cycle, data snapshot, training settings, pruning, metrics, gates."""
-    config = work.context.config
-    data = work.read("select.json")
-    trained = work.read("train.json")
-    verdict = work.read("gate.json")
-    suites = work.read("evaluate.json")
-    candidate = {k: v for k, v in suites["candidate"].items() if k != "samples"}
-    experiences = dict(work.parent.metrics.get("experiences", {}))
-    for domain, ids in _held_out_ids_by_domain(data["held_out"], config.cycle.max_eval_rows).items():
-        experiences[domain] = sorted(set(experiences.get(domain, [])) | set(ids))[: config.cycle.max_eval_rows]
-    return {
-        "parent": work.parent.id,
-        "branch": work.cycle.branch,
-        "cycle": work.cycle.id,
-        "kind": "generation",
-        "params": candidate["params"],
-        "status": verdict["status"],
-        "data": {"counts": data["counts"], "domains": data["domains"],
-                 "train_ids": [r["id"] for r in data["train"]], "held_out_ids": [r["id"] for r in data["held_out"]],
-                 "replay_ids": [r["id"] for r in work.read("replay.json")],
-                 "rehearsal_rows": len(_read_optional(work, "rehearsal.json") or []), "cutoff": data["cutoff"],
-                 "replay_buffer": [int(m["id"]) for m in trained.get("replay_buffer", [])]},
-        "training": {"steps": trained.get("steps"), "learning_rate": config.train.learning_rate,
-                     "lora_rank": config.train.lora_rank, "batch_size": config.train.batch_size,
-                     "tokens": trained.get("tokens"), "replay_ratio": config.replay.ratio,
-                     "rehearsal_ratio": config.replay.rehearsal_ratio,
-                     "ewc_lambda": config.ewc.strength, "curves": trained.get("curves", {})},
-        "merge": _read_optional(work, "merge.json"),
-        "pruning": {**(_read_optional(work, "prune.json") or {"enabled": False}),
-                    "heal": _read_optional(work, "heal.json") or {"enabled": False}},
-        "fisher": {"carried": _carries_fisher(work), "representation": trained.get("fisher_representation"),
-                   "seconds": trained.get("fisher_seconds")},
-        "metrics": {"candidate": candidate, "parent": {k: v for k, v in suites["parent"].items() if k != "samples"},
-                    "cutoff": data["cutoff"], "experiences": experiences},
-        "gates": verdict["gates"],
-        "decision": {"action": verdict["action"], "reason": verdict["reason"]},
-    }
-
-
-def _carries_fisher(work: Work) -> bool:
-    """The trainer's (folded) Fisher anchors the next cycle; not across pruning, which changed the shapes."""
-    return (work.path("train") / "fisher.safetensors").exists() and not work.context.config.pruning.enabled
-
-
 def _reserved_generation_id(work: Work) -> int:
     """The id this cycle's generation gets, chosen once and remembered across restarts."""
-    if work.path("generation_id.json").exists():
-        return int(work.read("generation_id.json"))
+    if work.path(GENERATION_ID_FILE).exists():
+        return int(work.read(GENERATION_ID_FILE))
     with work.context.store.transaction() as tx:
         used = [g.id for g in tx.generations.list()]
     generation_id = max([*used, *work.context.artifacts.ids()]) + 1
-    work.write("generation_id.json", generation_id)
+    work.write(GENERATION_ID_FILE, generation_id)
     return generation_id
 
 
@@ -474,7 +397,7 @@ def _suite(values: dict[str, Any]) -> SuiteMetrics:
     return SuiteMetrics.from_dict({k: v for k, v in values.items() if k != "samples"})
 
 
-def _samples(ev: Any, model: Any, tokenizer: Any, rows: list[dict[str, Any]], count: int) -> list[dict[str, str]]:
+def _samples(model: Any, tokenizer: Any, rows: list[dict[str, Any]], count: int) -> list[dict[str, str]]:
     picked = rows[:count]
     answers = ev.generate_answers(model, tokenizer, [r["messages"][-2]["content"] for r in picked], max_new_tokens=48)
     return [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"], "answer": a}
@@ -497,19 +420,5 @@ def _messages(messages: tuple[Message, ...]) -> list[dict[str, str]]:
     return [asdict(m) for m in messages]
 
 
-def _count_by(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for value in values:
-        out[value or "default"] = out.get(value or "default", 0) + 1
-    return out
-
-
-def _held_out_ids_by_domain(rows: list[dict[str, Any]], limit: int) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for row in rows:
-        out.setdefault(row["domain"], []).append(row["id"])
-    return {domain: ids[:limit] for domain, ids in out.items()}
-
-
-def _read_optional(work: Work, name: str) -> Any:
-    return work.read(name) if work.path(name).exists() else None
+def _count_by(values: Iterable[str | None]) -> dict[str, int]:
+    return dict(Counter(value or "default" for value in values))

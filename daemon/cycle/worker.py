@@ -1,8 +1,8 @@
 """The cycle worker process: ``python -m selftune.daemon.cycle.worker --state S --config C CYCLE_ID``.
 
-SIGTERM cancels the cycle: training checkpoints, the step is recorded as cancelled, the cycle ends
-"cancelled" and nothing half-made becomes visible. A crash (even kill -9) leaves the cycle
-unfinished at its step; starting the worker again resumes it there.
+SIGTERM (``control.cancel_cycle``) cancels the cycle: training checkpoints, the step it was in is
+recorded "cancelled", the cycle ends "cancelled" and nothing half-made becomes visible. A crash
+(even kill -9) leaves the cycle unfinished at its step; starting the worker again resumes it there.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import sys
 import traceback
 from types import FrameType
 
+from selftune.learners.lm import set_threads  # torch: this process evaluates (the recipe loads it anyway)
+
 from selftune.daemon.context import Context
+from selftune.daemon.cycle.control import close_running_steps
 from selftune.daemon.cycle.recipe import Cancelled, run_cycle
 
 
@@ -31,14 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     context = Context.open(args.state, args.config)
-    from selftune.learners.lm import set_threads  # evaluation runs here, training in the trainer's process
-
-    set_threads(context.config.train.threads)
+    set_threads(context.config.train.threads)  # for evaluation here; training runs in the trainer's process
     signal.signal(signal.SIGTERM, _cancel)
 
     try:
         cycle = run_cycle(context, args.cycle)
-    except Cancelled:
+    except Cancelled:  # the recipe has recorded the step it stopped as "cancelled"
         _end(context, args.cycle, "cancelled", "cancelled by SIGTERM")
         return 0
     except Exception as exc:  # recorded as the cycle's outcome; the service goes on
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _end(context: Context, cycle_id: int, outcome: str, error: str) -> None:
+    """Finish the cycle with ``outcome``; a step record still open (a signal came between recording the step
+    and running it) is closed with the same outcome."""
     with context.store.transaction(write=True) as tx:
         if tx.cycles.get(cycle_id).finished_at is None:
+            close_running_steps(tx, cycle_id, outcome)
             tx.cycles.finish(cycle_id, outcome, error)
 
 

@@ -164,3 +164,38 @@ def test_a_branch_specialises_without_touching_main(state: Path) -> None:
     branches = {b["name"]: b for b in json.loads(selftune(state, "branch", "list", "--json").stdout)}
     assert branches["chem"]["champion"] == 1 and branches["main"]["champion"] == 1
 
+
+
+def test_a_cancelled_cycle_ends_cancelled_and_so_does_its_step(state: Path) -> None:
+    from selftune.daemon.cycle.control import cancel_cycle, worker_alive
+
+    long = {"SELFTUNE_TRAIN__STEPS": "5000"}  # still training when the cancel comes
+    cycle_id = json.loads(selftune(state, "cycle", "--json", env=long).stdout)["cycle"]
+    context = Context.open(str(state))
+    progress = state / "cycles" / str(cycle_id) / "train" / "progress.jsonl"
+    deadline = time.time() + 300
+    while not (progress.exists() and progress.read_text()):  # a training step has been taken
+        assert time.time() < deadline, "the cycle never started training"
+        time.sleep(0.3)
+    cancel_cycle(context, cycle_id)
+    while worker_alive(context, cycle_id) and time.time() < deadline + 120:
+        time.sleep(0.3)
+    with context.store.transaction() as tx:
+        cancelled = tx.cycles.get(cycle_id)
+        steps = [(e.step, e.outcome) for e in tx.cycles.events(cycle_id)]
+    assert cancelled.outcome == "cancelled" and cancelled.finished_at is not None, cancelled
+    assert steps[-1] == ("train", "cancelled"), steps
+    assert all(outcome != "running" for _, outcome in steps), steps
+
+
+def test_cancelling_a_cycle_whose_worker_died_closes_the_step_it_was_in(state: Path) -> None:
+    from selftune.daemon.cycle.control import cancel_cycle
+
+    cycle_id = crash_at(state, "train")
+    context = Context.open(str(state))
+    cancel_cycle(context, cycle_id)  # no worker to signal: the cycle is closed at once
+    with context.store.transaction() as tx:
+        cancelled = tx.cycles.get(cycle_id)
+        steps = [(e.step, e.outcome) for e in tx.cycles.events(cycle_id)]
+    assert cancelled.outcome == "cancelled" and cancelled.finished_at is not None, cancelled
+    assert steps[-1] == ("train", "interrupted"), steps  # by the crash; no step is left "running"
