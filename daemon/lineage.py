@@ -38,7 +38,7 @@ def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, b
         tx.branches.create(MAIN_BRANCH)
         generation = tx.generations.add(
             id=FOUNDATION_ID, parent_id=None, branch=MAIN_BRANCH, status="promoted",
-            path=str(artifacts.root / str(FOUNDATION_ID)), checksum=manifest["checksum"],
+            path=str(artifacts.path(FOUNDATION_ID)), checksum=manifest["checksum"],
             params=manifest["params"], metrics={"foundation": source},
         )
         tx.branches.set_root(MAIN_BRANCH, FOUNDATION_ID)

@@ -39,6 +39,7 @@ from selftune.policies.errors import ConfigError, SelftuneError
 from selftune.policies.records import CHAMPION, Cycle
 
 from selftune.daemon.context import Context
+from selftune.daemon.cycle.control import running_cycle, start_cycle
 from selftune.daemon.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,6 @@ class CycleScheduler:
 
     def check(self) -> Cycle | None:
         """Start the next cycle if none is running: a due branch first, else one with enough new data."""
-        from selftune.daemon.cycle.control import running_cycle
-
         with self._lock:
             if running_cycle(self.context) is not None:
                 return None
@@ -185,8 +184,6 @@ class CycleScheduler:
         return None
 
     def _start(self, branch: str, trigger: str) -> Cycle | None:
-        from selftune.daemon.cycle.control import start_cycle
-
         try:
             cycle = start_cycle(self.context, branch, trigger)
         except SelftuneError as exc:  # e.g. a cycle started by the CLI in between, or the branch is gone
