@@ -213,3 +213,121 @@ def test_disabled_pruning_changes_nothing(tiny_model_dir: Path) -> None:
     assert report["params_after"] == before and report["layers_removed"] == [] and report["params_ratio"] == 1.0
     with pytest.raises(ValueError, match="pass the model's tokenizer"):
         prune_model(model, ["text needs a tokenizer"], PruningConfig(enabled=True))
+
+
+# ---- stepwise layer dropping -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def six_layer_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 6 layers (random, seeded), saved with the tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config
+    config.num_hidden_layers = 6
+    torch.manual_seed(6)
+    out = tmp_path_factory.mktemp("six-layers")
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+STEPWISE = PruningConfig(enabled=True, layer_dropping="stepwise", mlp_channel_fraction=0.0, layer_fraction=0.9,
+                         min_layers=1, max_prune_cost=0.02)
+
+
+def _layer_count_loss(calls: list[int]):
+    """A held-out 'loss' that rises 1% per removed layer, recording the layer count it was measured at."""
+    def loss(model: torch.nn.Module) -> float:
+        calls.append(len(model.model.layers))
+        return 1.0 + 0.01 * (6 - len(model.model.layers))
+    return loss
+
+
+def test_stepwise_dropping_removes_one_inner_layer_at_a_time_rescoring_between(
+    six_layer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selftune.learners import prune
+
+    scored: list[int] = []
+    real_score = prune.score_model
+    monkeypatch.setattr(prune, "score_model", lambda model, *a, **k: scored.append(len(model.model.layers)) or
+                        real_score(model, *a, **k))
+    model = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
+    calls: list[int] = []
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0})  # the budget never binds here
+    plan, report = prune_model(model, TRAFFIC, config, AutoTokenizer.from_pretrained(six_layer_dir), autocast=False,
+                               loss_fn=_layer_count_loss(calls))
+    assert calls == [6, 5, 4, 3, 2]  # unpruned, then after each single removal
+    assert scored == [6, 5, 4, 3, 2]  # re-scored on the traffic after every removal
+    assert [s["layers_left"] for s in report["steps"]] == [5, 4, 3, 2] and all(s["kept"] for s in report["steps"])
+    assert 0 not in report["layers_removed"] and 5 not in report["layers_removed"]  # never the first or last
+    assert sorted(s["layer"] for s in report["steps"]) == report["layers_removed"] == [1, 2, 3, 4]
+    assert report["kept_layers"] == [0, 5] and "protected edge" in report["stopped"]
+    assert [s["params"] for s in report["steps"]][-1] == report["params_after"] == sum(p.numel() for p in model.parameters())
+    for step in report["steps"]:  # each was the least influential removable layer, scored after the last removal
+        scores = step["influence_of_remaining"]
+        assert len(scores) == step["layers_left"] + 1
+        assert step["influence"] == scores[step["layer"]] == min(v for k, v in scores.items() if k not in (0, 5))
+    assert report["layer_influence"] == list(report["steps"][0]["influence_of_remaining"].values())
+
+
+def test_stepwise_dropping_stops_at_the_budget_and_undoes_the_removal_that_passed_it(six_layer_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
+    calls: list[int] = []
+    plan, report = prune_model(model, TRAFFIC, STEPWISE, AutoTokenizer.from_pretrained(six_layer_dir), autocast=False,
+                               loss_fn=_layer_count_loss(calls))
+    # +1%, +2% pass the 2% budget; the third removal (+3%) is tried, measured, undone
+    assert [s["kept"] for s in report["steps"]] == [True, True, False]
+    assert report["layers_after"] == 4 and len(report["layers_removed"]) == 2
+    assert report["steps"][-1]["layer"] not in report["layers_removed"]
+    assert report["loss_unpruned"] == 1.0 and report["loss_after"] == pytest.approx(1.02)
+    assert "max_prune_cost = 0.02" in report["stopped"] and "undone" in report["stopped"]
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    # the cut model is the reference's kept layers, untouched
+    from selftune.learners.prune import use_layers
+
+    use_layers(reference, list(reference.model.layers), plan.kept_layers, {})
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    assert torch.allclose(logits_of(model, ids), logits_of(reference, ids), atol=1e-6)
+
+
+def test_stepwise_dropping_stops_at_the_size_target(six_layer_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
+    total = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    target = (total - 2.5 * per_layer) / total  # two removals are not enough, three are
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0, "target_params_ratio": target})
+    _, report = prune_model(model, TRAFFIC, config, AutoTokenizer.from_pretrained(six_layer_dir), autocast=False,
+                            loss_fn=_layer_count_loss([]))
+    assert len(report["layers_removed"]) == 3 and report["params_ratio"] <= target
+    assert "size target reached" in report["stopped"]
+    capped = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0, "layer_fraction": 0.34})
+    _, report = prune_model(AutoModelForCausalLM.from_pretrained(six_layer_dir).eval(), TRAFFIC, capped,
+                            AutoTokenizer.from_pretrained(six_layer_dir), autocast=False, loss_fn=_layer_count_loss([]))
+    assert len(report["layers_removed"]) == 2 and "layer_fraction = 0.34" in report["stopped"]
+    with pytest.raises(ValueError, match="pass loss_fn"):
+        prune_model(AutoModelForCausalLM.from_pretrained(six_layer_dir).eval(), TRAFFIC, STEPWISE,
+                    AutoTokenizer.from_pretrained(six_layer_dir))
+
+
+def test_stepwise_prune_directory_checks_held_out_rows_and_the_result_loads(six_layer_dir: Path, tmp_path: Path) -> None:
+    from selftune.learners.evaluate import held_out_loss
+
+    held_out = TRAFFIC[:3]
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 5.0, "layer_fraction": 0.5,
+                              "mlp_channel_fraction": 0.25})
+    report = prune_directory(six_layer_dir, tmp_path / "pruned", TRAFFIC, config, held_out=held_out)
+    assert report["layers_after"] == 3 and report["intermediate_size_after"] == 96
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "pruned")
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    # width was cut after the steps, so the reported loss is measured again on the saved model's weights
+    assert report["loss_after"] == pytest.approx(held_out_loss(model, tokenizer, held_out).loss, rel=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
+    assert report["loss_unpruned"] == pytest.approx(held_out_loss(base, tokenizer, held_out).loss, rel=1e-5)
+    with pytest.raises(ValueError, match="needs held-out rows"):
+        prune_directory(six_layer_dir, tmp_path / "again", TRAFFIC, config)
