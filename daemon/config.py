@@ -12,16 +12,18 @@ import math
 import os
 import textwrap
 import tomllib
-import typing
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from selftune.policies.config import SECTIONS, Config
+from selftune.policies.branches import BRANCH_SECTIONS, effective_config, settings_problems
+from selftune.policies.config import BRANCH_NAME, SECTIONS, Config, field_types, value_problem
 from selftune.policies.errors import ConfigError
 
 CONFIG_FILE = "selftune.toml"
+BRANCHES_TABLE = "branches"
+"""``[branches.NAME]``: one branch's own settings (see ``policies.branches``)."""
 ENV_PREFIX = "SELFTUNE_"
 
 
@@ -48,12 +50,55 @@ def load_config(path: Path | None, env: Mapping[str, str] = os.environ) -> Confi
     merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
     for section, key, value in _env_overrides(env, problems):
         merged.setdefault(section, {})[key] = value
+    tables = _branch_tables(merged.pop(BRANCHES_TABLE, {}), problems)
     sections = {name: _build_section(name, merged.pop(name, {}), problems) for name in SECTIONS}
-    problems += [f"unknown section [{name}]: known sections are {', '.join(SECTIONS)}" for name in merged]
+    problems += [f"unknown section [{name}]: known sections are {', '.join(SECTIONS)}, and [{BRANCHES_TABLE}.NAME]"
+                 for name in merged]
     problems += [p for section in sections.values() for p in section.problems()]
+    if not problems:
+        problems += _branch_table_problems(Config(**sections), tables)
     if problems:
         raise ConfigError(problems, source=f"configuration {path}" if path else "configuration")
-    return Config(**sections)
+    return Config(**sections, branches=tables)
+
+
+def _branch_tables(raw: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``[branches.NAME]`` tables as ``{NAME: {"section.key": value}}``. A table may use sub-tables
+    (``[branches.NAME.gates]``) or dotted keys (``gates.max_params_ratio = 0.8``); TOML makes both the same."""
+    if not isinstance(raw, dict):
+        problems.append(f"[{BRANCHES_TABLE}] must hold one table per branch, e.g. [{BRANCHES_TABLE}.chem]")
+        return {}
+    tables: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if not BRANCH_NAME.match(name):
+            problems.append(f"[{BRANCHES_TABLE}.{name}]: not a branch name (lowercase letters, digits, '-' and '_')")
+        elif not isinstance(table, dict):
+            problems.append(f"{BRANCHES_TABLE}.{name} must be a table of settings, "
+                            f"e.g. [{BRANCHES_TABLE}.{name}.gates]")
+        else:
+            flat: dict[str, Any] = {}
+            for section, values in table.items():
+                if isinstance(values, dict):
+                    flat.update({f"{section}.{key}": value for key, value in values.items()})
+                else:
+                    flat[section] = values  # a key without its section: settings_problems names it
+            tables[name] = flat
+            problems += [f"[{BRANCHES_TABLE}.{name}] {p}" for p in settings_problems(flat)]
+    return tables
+
+
+def _branch_table_problems(config: Config, tables: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What each table's values break together with the rest, for a generalist and for a specialist
+    (whether the branch will have a scope is not known here; it may not even exist yet)."""
+    problems: list[str] = []
+    for name in tables:
+        for domains in ((), ("any",)):
+            try:
+                effective_config(replace(config, branches=tables), name, domains)
+            except ConfigError as exc:
+                problems += [f"[{BRANCHES_TABLE}.{name}] {p}" for p in exc.problems if p not in problems]
+                break
+    return problems
 
 
 def _env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, str, Any]]:
@@ -62,7 +107,7 @@ def _env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[st
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
-        field_type = _field_types(section).get(key)
+        field_type = field_types(section).get(key)
         if field_type is None:
             problems.append(f"${name}: no setting {section}.{key}; use SELFTUNE_<SECTION>__<KEY>, e.g. SELFTUNE_SERVER__PORT")
             continue
@@ -81,39 +126,16 @@ def _build_section(name: str, values: Any, problems: list[str]) -> Any:
     if not isinstance(values, dict):
         problems.append(f"[{name}] must be a table of settings, got {values!r:.40}")
         return cls()
-    types = _field_types(name)
+    types = field_types(name)
     kwargs = {}
     for key, value in values.items():
         if key not in types:
             problems.append(f"{name}.{key}: unknown setting; known: {', '.join(types)}")
-        elif (problem := _type_problem(value, types[key])) is not None:
+        elif (problem := value_problem(value, types[key])) is not None:
             problems.append(f"{name}.{key} = {value!r:.60}: {problem}")
         else:
             kwargs[key] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
-
-
-def _field_types(section: str) -> dict[str, Any]:
-    cls = SECTIONS.get(section)
-    if cls is None:
-        return {}
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def _type_problem(value: Any, expected: Any) -> str | None:
-    if expected is bool:
-        return None if isinstance(value, bool) else "expected true or false"
-    if expected is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "expected a whole number"
-    if expected is float:
-        return None if isinstance(value, int | float) and not isinstance(value, bool) else "expected a number"
-    if expected is str:
-        return None if isinstance(value, str) else "expected a string"
-    if typing.get_origin(expected) is tuple:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        return None if ok else "expected a list of strings"
-    return None
 
 
 def default_config_text() -> str:
@@ -128,12 +150,21 @@ def default_config_text() -> str:
         for f in fields(cls):
             parts += [f"# {line}".rstrip() for line in textwrap.wrap(" ".join(docs.get(f.name, "").split()), 96)]
             parts.append(f"{f.name} = {_toml_value(getattr(cls(), f.name))}")
+    parts.append(BRANCHES_EXAMPLE)
     return "\n".join(parts) + "\n"
 
 
 HEADER = """\
 # selftune configuration. Every setting is shown at its default; change what you need.
 # Any setting can be overridden from the environment: SELFTUNE_<SECTION>__<KEY>, e.g. SELFTUNE_SERVER__PORT=9000."""
+
+
+BRANCHES_EXAMPLE = "\n" + "\n".join(f"# {line}" for line in textwrap.wrap(
+    f"A branch's own settings: a [{BRANCHES_TABLE}.NAME] table sets any key of the sections "
+    f"{', '.join(BRANCH_SECTIONS)} (but cycle.nice) for that branch. It overrides the sections above and "
+    "a specialist's defaults; `selftune branch set NAME KEY VALUE` stores a setting with the branch, which "
+    "wins over its table. `selftune branch list` shows each branch's settings and where they come from.", 96)
+) + f"\n# [{BRANCHES_TABLE}.chem]\n# gates.max_params_ratio = 0.8\n# train.steps = 200"
 
 
 def _field_docs(cls: type) -> dict[str, str]:

@@ -5,7 +5,10 @@ Each change is one database transaction.
 
 from __future__ import annotations
 
-from selftune.policies.config import BRANCH_NAME
+from collections.abc import Sequence
+
+from selftune.policies.branches import effective_config, parse_value, with_setting, without_setting
+from selftune.policies.config import BRANCH_NAME, Config
 from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
 from selftune.policies.records import CHALLENGER, CHAMPION, FOUNDATION_ID, MAIN_BRANCH, Branch, Generation, ReplayMember
 from selftune.storage.contracts import UnitOfWork
@@ -84,24 +87,46 @@ def rollback(context: Context, branch: str) -> Generation:
         return tx.generations.get(generation.parent_id)
 
 
-def create_branch(context: Context, name: str, from_generation: int, domain: str | None) -> Branch:
-    """Fork a specialised line at a generation: its champion starts there and it inherits the replay buffer."""
+def create_branch(context: Context, name: str, from_generation: int, domains: Sequence[str] = ()) -> Branch:
+    """Fork a line at a generation: its champion starts there and it inherits the replay buffer.
+
+    With ``domains`` it is a specialist: ingest routes those domains' interactions to it, and it runs with
+    the specialist defaults (``policies.branches``). A domain another branch has is refused, naming it."""
     if not BRANCH_NAME.match(name):
         raise InvalidRecordError(f"branch name {name!r}: use lowercase letters, digits, '-' and '_' (at most 63)")
+    effective_config(context.config, name, domains)  # its [branches.NAME] table must hold for it as it will be
     with context.store.transaction(write=True) as tx:
         source = tx.generations.get(from_generation)
         if source.status in ("rejected", "failed"):
             raise ConflictError(f"generation {from_generation} is {source.status}: fork from a promoted one")
-        if domain is not None and (taken := [b.name for b in tx.branches.list() if b.domain == domain]):
-            raise ConflictError(f"domain {domain!r} is routed to branch {taken[0]!r} already")
-        branch = tx.branches.create(name, root_generation_id=from_generation, domain=domain)
+        branch = tx.branches.create(name, root_generation_id=from_generation, domains=domains)
         tx.aliases.set(name, CHAMPION, from_generation)
         inherited = tx.replay.members(source.branch)
         tx.replay.add_many([ReplayMember(name, m.interaction_id, m.experience, m.priority) for m in inherited])
         return branch
 
 
+def branch_config(config: Config, branch: Branch) -> Config:
+    """The configuration ``branch``'s cycles run with: global, specialist defaults, its table, its own settings."""
+    return effective_config(config, branch.name, branch.domains, branch.settings)
+
+
+def set_branch_setting(context: Context, name: str, key: str, value: str | None) -> Branch:
+    """Store ``key = value`` (the text a user typed) with the branch, or with None drop its stored ``key``.
+
+    The value is parsed with the setting's type and the branch's whole effective configuration checked
+    before anything is written: a bad key or value raises ``ConfigError`` and changes nothing."""
+    with context.store.transaction(write=True) as tx:
+        branch = tx.branches.get(name)
+        if value is None:
+            stored = without_setting(branch.settings, key)
+        else:
+            stored = with_setting(branch.settings, key, parse_value(key, value))
+        effective_config(context.config, name, branch.domains, stored)
+        return tx.branches.set_settings(name, stored)
+
+
 def domain_routes(context: Context) -> dict[str, str]:
-    """Which branch each declared domain goes to (rows of other domains go to the default branch)."""
+    """Which branch each domain of a scope goes to (rows of other domains go to the default branch)."""
     with context.store.transaction() as tx:
-        return {b.domain: b.name for b in tx.branches.list() if b.domain}
+        return {domain: b.name for b in tx.branches.list() for domain in b.domains}

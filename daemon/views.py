@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from selftune.policies.records import Feedback, Interaction
+from selftune.policies.branches import overrides
+from selftune.policies.records import CHAMPION, Feedback, Interaction
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.workdir import GATE_RESULT, PROGRESS_FILE, cycle_dir, read_result
@@ -23,6 +24,23 @@ def generations_view(context: Context) -> list[dict[str, Any]]:
         names[alias.generation_id].append(alias.name if own else f"{alias.branch}:{alias.name}")
     return [{"id": g.id, "parent": g.parent_id, "branch": g.branch, "status": g.status, "params": g.params,
              "path": g.path, "aliases": sorted(names[g.id])} for g in generations]
+
+
+def branches_view(context: Context) -> list[dict[str, Any]]:
+    """Every branch as ``{"name", "root", "domains", "specialist", "champion", "settings", "stored"}``.
+
+    ``settings`` are those that differ from the global configuration, each ``{"key", "value", "global",
+    "source"}`` (source: "specialist default", "configuration" for its [branches.NAME] table, or "branch
+    set"); ``stored`` is what ``selftune branch set`` stored with it."""
+    with context.store.transaction() as tx:
+        branches = tx.branches.list()
+        champions = {a.branch: a.generation_id for a in tx.aliases.list() if a.name == CHAMPION}
+    return [{"name": b.name, "root": b.root_generation_id, "domains": list(b.domains), "specialist": b.is_specialist,
+             "champion": champions.get(b.name),
+             "settings": [{"key": o.key, "value": o.value, "global": o.global_value, "source": o.source}
+                          for o in overrides(context.config, b.name, b.domains, b.settings)],
+             "stored": dict(b.settings)}
+            for b in branches]
 
 
 def status_view(context: Context) -> dict[str, Any]:

@@ -7,13 +7,17 @@ Loading the TOML file and the ``SELFTUNE_...`` environment overrides is the daem
 from __future__ import annotations
 
 import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .errors import ConfigError
 from .gates import GateConfig
 from .pruning import AdapterTrimConfig, PruningConfig
 from .selection import SelectionConfig
 from .training import EwcConfig, ReplayConfig, TrainConfig
+from .vocab import VocabTrimConfig
 
 BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -169,13 +173,45 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     ewc: EwcConfig = field(default_factory=EwcConfig)
     trim: AdapterTrimConfig = field(default_factory=AdapterTrimConfig)
+    trim_vocab: VocabTrimConfig = field(default_factory=VocabTrimConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    branches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The ``[branches.NAME]`` tables: per branch, ``"section.key" -> value`` over the sections above
+    (``policies.branches`` applies them; the daemon checks them when it loads the file)."""
 
     def __post_init__(self) -> None:
-        problems = [p for f in fields(self) for p in getattr(self, f.name).problems()]
+        problems = [p for name in SECTIONS for p in getattr(self, name).problems()]
         if problems:
             raise ConfigError(problems)
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in fields(Config) if f.name != "branches"  # type: ignore[misc]
+}
+"""The TOML sections, by name: each a frozen dataclass with a ``problems()`` method."""
+
+
+def field_types(section: str) -> dict[str, Any]:
+    """The type of each setting of a section (``{}`` for an unknown section)."""
+    cls = SECTIONS.get(section)
+    if cls is None:
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def value_problem(value: Any, expected: Any) -> str | None:
+    """Why ``value`` (as TOML or JSON gives it) cannot be a setting of type ``expected``, or None."""
+    if expected is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if expected is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected a whole number"
+    if expected is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "expected a number"
+    if expected is str:
+        return None if isinstance(value, str) else "expected a string"
+    if typing.get_origin(expected) is tuple:
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        return None if ok else "expected a list of strings"
+    return None

@@ -128,7 +128,16 @@ class Branch:
     name: str
     created_at: datetime
     root_generation_id: int | None = None
-    domain: str | None = None
+    domains: tuple[str, ...] = ()
+    """Its scope: interactions of these domains are routed to it (a domain belongs to at most one branch)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Its own settings, ``"section.key" -> value``, as ``selftune branch set`` stored them
+    (``policies.branches`` turns them into the branch's effective configuration)."""
+
+    @property
+    def is_specialist(self) -> bool:
+        """A branch with a scope is a specialist: judged on its domains, and pruned by default."""
+        return bool(self.domains)
 
 
 @dataclass(frozen=True, slots=True)

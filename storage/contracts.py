@@ -11,7 +11,7 @@ dataclass; a missing record raises ``NotFoundError``, a clash ``ConflictError``,
 from __future__ import annotations
 
 import builtins  # repositories have a list() method, which hides the builtin in their class bodies
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -71,7 +71,10 @@ class FeedbackRepository(Protocol):
 
 
 class BranchRepository(Protocol):
-    def create(self, name: str, root_generation_id: int | None = None, domain: str | None = None) -> Branch: ...
+    def create(self, name: str, root_generation_id: int | None = None, domains: Sequence[str] = (),
+               settings: Mapping[str, Any] | None = None) -> Branch:
+        """A new branch; ``domains`` (its scope) must be claimed by no other branch (``ConflictError`` names
+        the branch that has one)."""
 
     def find(self, name: str) -> Branch | None: ...
 
@@ -81,6 +84,9 @@ class BranchRepository(Protocol):
 
     def set_root(self, name: str, generation_id: int) -> Branch:
         """Point a branch at its root generation (generation 0 of ``main`` is made after its branch)."""
+
+    def set_settings(self, name: str, settings: Mapping[str, Any]) -> Branch:
+        """Replace the branch's stored settings document (the caller has validated it)."""
 
 
 class GenerationRepository(Protocol):

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -128,7 +129,20 @@ class BranchRow(Base):
     root_generation_id: Mapped[int | None] = mapped_column(
         Integer, ForeignKey("generations.id", use_alter=True)
     )
-    domain: Mapped[str | None] = mapped_column(Text)
+    # "section.key" -> value (policies.branches): what `selftune branch set` stored.
+    settings: Mapped[dict[str, Any]] = mapped_column(JsonDoc, server_default=text("'{}'"))
+
+
+class BranchDomainRow(Base):
+    """One domain of a branch's scope: its interactions are routed to that branch.
+
+    The domain is the primary key, so a domain belongs to at most one branch on every backend, even
+    when two branches are created at the same time."""
+
+    __tablename__ = "branch_domains"
+
+    domain: Mapped[str] = mapped_column(Text, primary_key=True)
+    branch: Mapped[str] = mapped_column(Text, ForeignKey("branches.name"), index=True)
 
 
 class GenerationRow(Base):
@@ -220,6 +234,7 @@ metadata = Base.metadata
 interactions = InteractionRow.__table__
 feedback = FeedbackRow.__table__
 branches = BranchRow.__table__
+branch_domains = BranchDomainRow.__table__
 generations = GenerationRow.__table__
 aliases = AliasRow.__table__
 cycles = CycleRow.__table__

@@ -10,15 +10,13 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from selftune.policies.records import CHAMPION
-
-from selftune.daemon.cli.common import JsonOption, console, open_context
+from selftune.daemon.cli.common import JsonOption, console, fail, open_context
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import resume_cycles, running_cycle, start_cycle
-from selftune.daemon.lineage import create_branch
+from selftune.daemon.lineage import create_branch, set_branch_setting
 from selftune.daemon.lineage import promote as promote_generation
 from selftune.daemon.lineage import rollback as rollback_branch
-from selftune.daemon.views import cycle_view
+from selftune.daemon.views import branches_view, cycle_view
 
 branch_app = typer.Typer(help="Branches: specialised lines of generations.", no_args_is_help=True)
 FINAL = ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
@@ -103,27 +101,59 @@ def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Bra
 @branch_app.command("create")
 def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="New branch name.")],
                   from_generation: Annotated[int, typer.Option("--from", help="Generation to fork from.")],
-                  domain: Annotated[str | None, typer.Option(help="Route interactions of this domain to the branch.")] = None) -> None:
-    """Fork a specialised line at a generation; its cycles use the interactions routed to it."""
-    branch = create_branch(open_context(ctx), name, from_generation, domain)
-    routed = f"; interactions of domain {branch.domain!r} now go to it" if branch.domain else ""
+                  domain: Annotated[list[str] | None, typer.Option(
+                      help="Route interactions of this domain to the branch (repeat for several); a branch with "
+                           "domains is a specialist.")] = None) -> None:
+    """Fork a line at a generation; its cycles use the interactions routed to it. With --domain, a specialist."""
+    branch = create_branch(open_context(ctx), name, from_generation, domain or [])
+    routed = (f"; a specialist: interactions of domain(s) {', '.join(branch.domains)} now go to it"
+              if branch.domains else "")
     console.print(f"branch {branch.name} forked from generation {from_generation}{routed}")
+
+
+@branch_app.command("set")
+def branch_set(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Branch name.")],
+               key: Annotated[str, typer.Argument(help="SECTION.KEY, e.g. gates.max_params_ratio.")],
+               value: Annotated[str | None, typer.Argument(help="The value: true/false, a number, a string, or a "
+                                                               "list as a,b (put -- before a negative number).",
+                                                          show_default=False)] = None,
+               unset: Annotated[bool, typer.Option("--unset", help="Drop the stored setting instead.")] = False,
+               ) -> None:
+    """Store a setting with a branch; it wins over the configuration file. A bad key or value changes nothing."""
+    if (value is None) != unset:
+        fail("give a VALUE, or --unset to drop the stored setting (not both)")
+    branch = set_branch_setting(open_context(ctx), name, key, value)
+    done = f"{key} = {json.dumps(branch.settings[key])}" if value is not None else f"{key} unset"
+    console.print(f"branch {branch.name}: {done}", highlight=False)
+
+
+@branch_app.command("unset")
+def branch_unset(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Branch name.")],
+                 key: Annotated[str, typer.Argument(help="SECTION.KEY of a stored setting.")]) -> None:
+    """Drop a setting stored with a branch: the configuration file (or the default) applies again."""
+    branch = set_branch_setting(open_context(ctx), name, key, None)
+    console.print(f"branch {branch.name}: {key} unset", highlight=False)
 
 
 @branch_app.command("list")
 def branch_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Every branch with its root generation, domain and champion."""
-    context = open_context(ctx)
-    with context.store.transaction() as tx:
-        rows = [{"name": b.name, "root": b.root_generation_id, "domain": b.domain,
-                 "champion": (a.generation_id if (a := tx.aliases.get(b.name, CHAMPION)) else None)}
-                for b in tx.branches.list()]
+    """Every branch: its root, scope, champion, whether it is a specialist, and its settings that differ from
+    the global configuration (with where each comes from)."""
+    rows = branches_view(open_context(ctx))
     if as_json:
         print(json.dumps(rows))
         return
     table = Table(title="Branches")
-    for column in ("name", "root", "domain", "champion"):
+    for column in ("name", "root", "domains", "specialist", "champion"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], str(row["root"]), row["domain"] or "-", str(row["champion"]))
-    console.print(table)
+        table.add_row(row["name"], str(row["root"]), ", ".join(row["domains"]) or "-",
+                      "yes" if row["specialist"] else "no", str(row["champion"]))
+    console.print(table, highlight=False)
+    for row in rows:  # one line per setting, below the table: long keys and values would wrap inside it
+        if row["settings"]:
+            console.print(f"\n[bold]{row['name']}[/]: settings that differ from the global configuration",
+                          highlight=False)
+        for setting in row["settings"]:
+            console.print(f"  {setting['key']} = {json.dumps(setting['value'])} ({setting['source']}; "
+                          f"global {json.dumps(setting['global'])})", highlight=False, soft_wrap=True)

@@ -16,8 +16,9 @@ from selftune.daemon.cycle.workdir import (
 
 
 def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
-    """generation.json: parent, branch, cycle, data snapshot, training settings, pruning, metrics, gates."""
-    config = work.context.config
+    """generation.json: parent, branch (its scope and settings), cycle, data snapshot, training settings,
+    pruning, metrics, gates."""
+    config = work.config
     data = work.read(SELECT_RESULT)
     trained = work.read(TRAIN_RESULT)
     verdict = work.read(GATE_RESULT)
@@ -31,6 +32,10 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
         "branch": work.cycle.branch,
         "cycle": work.cycle.id,
         "kind": "generation",
+        # The branch's scope and the settings this cycle ran with that differ from the defaults (global
+        # ones included): what the reports show as the branch's configuration.
+        "branch_config": {"domains": work.branch["domains"], "specialist": work.branch["specialist"],
+                          "settings": work.branch["settings"]},
         "params": candidate["params"],
         "status": verdict["status"],
         "data": {"counts": data["counts"], "domains": data["domains"],
@@ -57,7 +62,7 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
 
 def carries_fisher(work: Work) -> bool:
     """The trainer's (folded) Fisher anchors the next cycle; not across pruning, which changed the shapes."""
-    return (work.path(TRAIN_DIR) / jobs.FISHER_FILE).exists() and not work.context.config.pruning.enabled
+    return (work.path(TRAIN_DIR) / jobs.FISHER_FILE).exists() and not work.config.pruning.enabled
 
 
 def _held_out_ids_by_domain(rows: list[dict[str, Any]], limit: int) -> dict[str, list[int]]:

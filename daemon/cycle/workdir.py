@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from selftune.learners import jobs  # light on purpose (no torch): the names inside a training job's folder
+from selftune.policies.branches import changed_settings, restore
+from selftune.policies.config import Config
 from selftune.policies.records import Cycle, Generation
 
 from selftune.daemon.context import Context
+from selftune.daemon.lineage import branch_config
 
 CYCLES_DIR = "cycles"
 """Under the state directory: one work directory per cycle, named by the cycle's id."""
@@ -38,6 +42,9 @@ EVALUATE_RESULT = "evaluate.json"
 """The suites of the parent and the candidate."""
 GATE_RESULT = "gate.json"
 """The verdict: action, status, reason and every gate."""
+BRANCH_RESULT = "branch.json"
+"""The branch's scope and the settings the cycle runs with (those differing from the defaults), fixed when
+the cycle first reads them: a resumed cycle keeps them, and the generation's manifest records them."""
 GENERATION_ID_FILE = "generation_id.json"
 """The generation id reserved by ``package``, kept across restarts."""
 PROGRESS_FILE = "progress.json"
@@ -75,11 +82,33 @@ def read_result(directory: Path, name: str) -> Any:
 
 @dataclass
 class Work:
-    """Where one cycle's steps read and write."""
+    """Where one cycle's steps read and write, and the configuration they run with."""
 
     context: Context
     cycle: Cycle
     parent: Generation
+
+    @cached_property
+    def branch(self) -> dict[str, Any]:
+        """``{"name", "domains", "specialist", "settings"}``: the branch's scope and its effective settings
+        that differ from the defaults, as recorded in ``BRANCH_RESULT`` when the cycle first asked."""
+        recorded = self.read_optional(BRANCH_RESULT)
+        if recorded is None:
+            with self.context.store.transaction() as tx:
+                branch = tx.branches.get(self.cycle.branch)
+            effective = branch_config(self.context.config, branch)
+            recorded = {"name": branch.name, "domains": list(branch.domains), "specialist": branch.is_specialist,
+                        "settings": changed_settings(effective)}
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.write(BRANCH_RESULT, recorded)
+        return recorded
+
+    @cached_property
+    def config(self) -> Config:
+        """The branch's effective configuration (``policies.branches``: global, specialist defaults, its
+        [branches.NAME] table, its stored settings), the same for the whole cycle even across restarts:
+        a `branch set` while it runs applies from the next cycle on. Steps read this, not ``context.config``."""
+        return restore(self.context.config, self.branch["settings"])
 
     @property
     def dir(self) -> Path:
@@ -109,7 +138,9 @@ class Work:
     @property
     def candidate_dir(self) -> Path:
         """The model the cycle made: merged, then pruned and healed if the configuration says so."""
-        pruning = self.context.config.pruning
+        pruning = self.config.pruning
         if not pruning.enabled:
             return self.path(MERGED_DIR)
-        return self.path(HEALED_DIR) if pruning.heal_steps else self.path(PRUNED_DIR)
+        healed = self.read_optional(HEAL_RESULT)  # a heal that found nothing cut leaves the pruned model as it is
+        healing = pruning.heal_steps and (healed is None or healed.get("enabled", True))
+        return self.path(HEALED_DIR) if healing else self.path(PRUNED_DIR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Row, delete, func, select, update
@@ -13,10 +14,9 @@ from .. import models as m
 from .base import Repository
 
 
-def _to_branch(row: Row[Any]) -> Branch:
-    return Branch(
-        name=row.name, created_at=row.created_at, root_generation_id=row.root_generation_id, domain=row.domain
-    )
+def _to_branch(row: Row[Any], domains: tuple[str, ...]) -> Branch:
+    return Branch(name=row.name, created_at=row.created_at, root_generation_id=row.root_generation_id,
+                  domains=domains, settings=dict(row.settings or {}))
 
 
 def _to_generation(row: Row[Any]) -> Generation:
@@ -42,23 +42,37 @@ def _check_status(status: str) -> None:
 class SqlBranchRepository(Repository):
     table = m.branches
 
-    def create(self, name: str, root_generation_id: int | None = None, domain: str | None = None) -> Branch:
+    def create(self, name: str, root_generation_id: int | None = None, domains: Sequence[str] = (),
+               settings: Mapping[str, Any] | None = None) -> Branch:
+        """A new branch; ``domains`` (its scope) must be claimed by no other branch."""
         if self._exists(self.table.c.name, name):
             raise ConflictError(f"branch {name!r} exists already: pick another name")
         if root_generation_id is not None and not self._exists(m.generations.c.id, root_generation_id):
             raise NotFoundError(
                 f"generation {root_generation_id} does not exist: a branch must fork from one that does"
             )
-        branch = Branch(name=name, created_at=self.clock(), root_generation_id=root_generation_id, domain=domain)
+        scope = _scope(domains)
+        taken = self.connection.execute(
+            select(m.branch_domains.c.domain, m.branch_domains.c.branch)
+            .where(m.branch_domains.c.domain.in_(scope)).order_by(m.branch_domains.c.domain)
+        ).first()
+        if taken is not None:
+            raise ConflictError(f"domain {taken.domain!r} is routed to branch {taken.branch!r} already: "
+                                "a domain belongs to one branch; leave it out or pick another domain")
+        branch = Branch(name=name, created_at=self.clock(), root_generation_id=root_generation_id,
+                        domains=scope, settings=dict(settings or {}))
         self.connection.execute(
             self.table.insert(),
-            {"name": name, "created_at": branch.created_at, "root_generation_id": root_generation_id, "domain": domain},
+            {"name": name, "created_at": branch.created_at, "root_generation_id": root_generation_id,
+             "settings": branch.settings},
         )
+        if scope:
+            self.connection.execute(m.branch_domains.insert(), [{"domain": d, "branch": name} for d in scope])
         return branch
 
     def find(self, name: str) -> Branch | None:
         row = self.connection.execute(select(self.table).where(self.table.c.name == name)).first()
-        return None if row is None else _to_branch(row)
+        return None if row is None else _to_branch(row, self._domains(name).get(name, ()))
 
     def get(self, name: str) -> Branch:
         branch = self.find(name)
@@ -67,7 +81,9 @@ class SqlBranchRepository(Repository):
         return branch
 
     def list(self) -> list[Branch]:
-        return [_to_branch(row) for row in self.connection.execute(select(self.table).order_by(self.table.c.name))]
+        domains = self._domains()
+        rows = self.connection.execute(select(self.table).order_by(self.table.c.name))
+        return [_to_branch(row, domains.get(row.name, ())) for row in rows]
 
     def set_root(self, name: str, generation_id: int) -> Branch:
         """Point a branch at its root generation (generation 0 of ``main`` is made after its branch)."""
@@ -78,6 +94,33 @@ class SqlBranchRepository(Repository):
             update(self.table).where(self.table.c.name == name).values(root_generation_id=generation_id)
         )
         return self.get(name)
+
+    def set_settings(self, name: str, settings: Mapping[str, Any]) -> Branch:
+        """Replace the branch's stored settings document (the caller has validated it)."""
+        self.get(name)
+        self.connection.execute(update(self.table).where(self.table.c.name == name).values(settings=dict(settings)))
+        return self.get(name)
+
+    def _domains(self, name: str | None = None) -> dict[str, tuple[str, ...]]:
+        """Each branch's scope, its domains in alphabetical order."""
+        t = m.branch_domains
+        query = select(t.c.branch, t.c.domain).order_by(t.c.branch, t.c.domain)
+        if name is not None:
+            query = query.where(t.c.branch == name)
+        out: dict[str, list[str]] = {}
+        for row in self.connection.execute(query):
+            out.setdefault(row.branch, []).append(row.domain)
+        return {branch: tuple(domains) for branch, domains in out.items()}
+
+
+def _scope(domains: Sequence[str]) -> tuple[str, ...]:
+    """The domains without repeats, in alphabetical order; an empty name is refused."""
+    if isinstance(domains, str):  # a single name would be split into its letters
+        raise InvalidRecordError(f"domains={domains!r}: pass a list of domain names, e.g. [{domains!r}]")
+    for domain in domains:
+        if not isinstance(domain, str) or not domain.strip():
+            raise InvalidRecordError(f"domain {domain!r}: a domain is a non-empty name, e.g. 'chemistry'")
+    return tuple(sorted(set(domains)))
 
 
 class SqlGenerationRepository(Repository):

@@ -135,6 +135,57 @@ def test_generations_json_and_export(state: Path, tmp_path: Path) -> None:
     assert selftune(state, "export", "7", str(tmp_path / "x"), ok=False).returncode != 0
 
 
+def test_a_specialist_gets_the_rows_of_each_of_its_domains_and_keeps_them(state: Path) -> None:
+    created = selftune(state, "branch", "create", "chemists", "--from", "0", "--domain", "chemistry",
+                       "--domain", "elements")
+    assert "chemistry, elements now go to it" in created.stdout
+    rows = [{"prompt": f"specialist q{i}", "response": "a", "domain": d}
+            for i, d in enumerate(["chemistry", "elements", "unrouted"])]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    assert ingest_json(state, "-", stdin=text)["accepted"] == 3
+    counts = {(r["branch"], r["domain"]): r["count"] for r in json.loads(selftune(state, "status", "--json").stdout)
+              ["interactions"]}
+    assert counts[("chemists", "chemistry")] == counts[("chemists", "elements")] == counts[("main", "unrouted")] == 1
+    before = dump(state)
+    refused = selftune(state, "branch", "create", "rival", "--from", "0", "--domain", "physics", "--domain",
+                       "elements", ok=False)
+    assert refused.returncode == 2 and "domain 'elements' is routed to branch 'chemists'" in refused.stderr
+    assert dump(state) == before
+
+
+def test_branch_set_refuses_a_bad_key_or_value_and_list_shows_each_setting_and_its_source(
+        make_state: Callable[..., Path]) -> None:
+    state = make_state("[branches.chem.gates]\nmax_params_ratio = 0.8\n")
+    selftune(state, "branch", "create", "chem", "--from", "0", "--domain", "chemistry")
+    before = dump(state)
+    for args, message in ((("gates.max_param_ratio", "0.8"), "did you mean gates.max_params_ratio?"),
+                          (("train.steps", "many"), "train.steps = 'many': expected a whole number"),
+                          (("train.steps", "0"), "train.steps = 0: use 1 or more"),
+                          (("server.port", "1"), "service-wide setting"),
+                          (("train.steps",), "give a VALUE, or --unset")):
+        result = selftune(state, "branch", "set", "chem", *args, ok=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert dump(state) == before
+    assert "train.steps = 7" in selftune(state, "branch", "set", "chem", "train.steps", "7").stdout
+    rows = {row["name"]: row for row in json.loads(selftune(state, "branch", "list", "--json").stdout)}
+    assert (rows["main"]["specialist"], rows["main"]["domains"], rows["main"]["settings"]) == (False, [], [])
+    chem = rows["chem"]
+    assert (chem["specialist"], chem["domains"], chem["champion"], chem["stored"]) == (True, ["chemistry"], 0,
+                                                                                        {"train.steps": 7})
+    settings = {s["key"]: (s["value"], s["global"], s["source"]) for s in chem["settings"]}
+    assert settings["train.steps"] == (7, 100, "branch set")
+    assert settings["gates.max_params_ratio"] == (0.8, 1.0, "configuration")
+    assert settings["pruning.enabled"] == (True, False, "specialist default")
+    assert settings["gates.max_foundation_regression"][2] == "specialist default"
+    shown = selftune(state, "branch", "list").stdout
+    assert "train.steps = 7 (branch set; global 100)" in shown and "chemistry" in shown
+    selftune(state, "branch", "set", "chem", "train.steps", "--unset")
+    result = selftune(state, "branch", "unset", "chem", "train.steps", ok=False)
+    assert "no stored setting train.steps" in result.stderr
+    (chem,) = [row for row in json.loads(selftune(state, "branch", "list", "--json").stdout) if row["name"] == "chem"]
+    assert chem["stored"] == {} and "train.steps" not in {s["key"] for s in chem["settings"]}
+
+
 @pytest.mark.slow
 def test_embedded_foundation_end_to_end(tmp_path: Path) -> None:
     """The issue's walk-through with the real SmolLM2-135M and the full python_docs file."""

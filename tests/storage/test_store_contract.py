@@ -23,6 +23,7 @@ TABLES = {
     "interactions",
     "feedback",
     "branches",
+    "branch_domains",
     "generations",
     "aliases",
     "cycles",
@@ -239,7 +240,7 @@ def test_generations_form_a_tree(store: Store) -> None:
         assert uow.generations.get(2).metrics == {"loss": 1.5}
         assert uow.generations.set_status(1, "rejected").status == "rejected"
         assert uow.branches.get("main").root_generation_id == 0
-        uow.branches.create("legal", root_generation_id=2, domain="law")
+        uow.branches.create("legal", root_generation_id=2, domains=["law"])
         child = uow.generations.add("legal", "gens/3", "sha-3", 90_000_000, parent_id=2, cycle_id=None)
         assert (child.id, child.branch, child.parent_id) == (3, "legal", 2)
         assert [g.id for g in uow.generations.list(branch="legal")] == [3]
@@ -258,6 +259,30 @@ def test_generations_form_a_tree(store: Store) -> None:
             uow.branches.create("main")
         with pytest.raises(NotFoundError, match="generation 77 "):
             uow.generations.get(77)
+
+
+def test_a_branchs_scope_is_its_own_and_its_settings_round_trip(store: Store) -> None:
+    add_lineage(store)
+    with store.transaction(write=True) as uow:
+        chem = uow.branches.create("chem", root_generation_id=0, domains=["elements", "chemistry", "elements"])
+        assert (chem.domains, chem.settings, chem.is_specialist) == (("chemistry", "elements"), {}, True)
+        assert not uow.branches.get("main").is_specialist
+    with store.transaction(write=True) as uow:
+        with pytest.raises(ConflictError, match="domain 'elements' is routed to branch 'chem'"):
+            uow.branches.create("rival", root_generation_id=0, domains=["physics", "elements"])
+        with pytest.raises(InvalidRecordError, match="pass a list"):
+            uow.branches.create("typo", domains="chemistry")  # type: ignore[arg-type]
+        with pytest.raises(InvalidRecordError, match="non-empty"):
+            uow.branches.create("blank", domains=[" "])
+    with store.transaction(write=True) as uow:
+        assert uow.branches.find("rival") is None  # the refused create wrote nothing
+        settings = {"gates.max_params_ratio": 0.8, "pruning.enabled": True, "train.target_modules": ["q_proj"]}
+        assert uow.branches.set_settings("chem", settings).settings == settings
+        with pytest.raises(NotFoundError, match="'nope'"):
+            uow.branches.set_settings("nope", {})
+    with store.transaction() as uow:
+        assert uow.branches.get("chem").settings == settings
+        assert [(b.name, b.domains) for b in uow.branches.list()] == [("chem", ("chemistry", "elements")), ("main", ())]
 
 
 def test_alias_moves_atomically_and_keeps_its_place_on_failure(store: Store) -> None:
