@@ -1,8 +1,10 @@
 """Evaluation: held-out loss and perplexity, choice likelihood, greedy answers, decode speed, size.
 
 Plain functions over a model, its tokenizer and data. Losses count the tokens of every assistant turn, in
-the model's own chat template (``chat.encode_chat``, the encoder training uses), token-weighted over the
-whole set (long answers weigh more than short).
+the model's own chat template (``chat.encode_chat``, the encoder training uses), summed over the whole set
+(long answers weigh more than short) and divided by the UTF-8 bytes of the text those tokens stand for:
+nats per byte (``LOSS_UNIT``), so that models with different tokenizers (a trimmed vocabulary, fewer and
+longer tokens) are measured on one scale. The per-token mean stays beside it, labelled.
 Forward passes run under bf16 autocast where the hardware computes bf16 (CPUs with AMX or AVX512-BF16
 too); log-probabilities are taken in float32.
 """
@@ -21,7 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from selftune.policies.gates import LOSS_UNIT, PER_TOKEN_LOSS_UNIT
 
 from .chat import (
     IGNORE_INDEX, Conversation, Row, conversation_messages, encode_chat, end_token_ids, generation_prompt_ids, pad_id,
@@ -34,15 +39,31 @@ DEFAULT_SPEED_PROMPT = "Explain, step by step, how a hash table handles collisio
 
 @dataclass(frozen=True)
 class LossResult:
-    loss: float
-    """Mean negative log-likelihood per target token (nats)."""
-    perplexity: float
-    tokens: int
-    """Target tokens counted."""
-    rows: int
+    """Held-out loss over the target tokens of a set of rows: per byte (the one to compare), per token beside it."""
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "rows": self.rows}
+    loss: float
+    """Nats per UTF-8 byte of target text (``LOSS_UNIT``): ``nll / bytes``. Comparable across tokenizers."""
+    nll: float
+    """Summed negative log-likelihood of the target tokens (nats), the end-of-turn token's included."""
+    tokens: int
+    """Target tokens scored."""
+    bytes: int
+    """UTF-8 bytes of the text the target tokens stand for (special tokens count 0: ``target_bytes``)."""
+    rows: int
+    loss_per_token: float
+    """Mean NLL per target token (nats/token): depends on the tokenizer, so compare it only within one."""
+    perplexity: float
+    """Per-token perplexity, ``exp(loss_per_token)``."""
+
+    @property
+    def bits_per_byte(self) -> float:
+        """``loss`` in bits per byte, the unit the reports show."""
+        return self.loss / math.log(2)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"loss": self.loss, "unit": LOSS_UNIT, "nll": self.nll, "tokens": self.tokens, "bytes": self.bytes,
+                "rows": self.rows, "loss_per_token": self.loss_per_token, "per_token_unit": PER_TOKEN_LOSS_UNIT,
+                "perplexity": self.perplexity}
 
 
 @dataclass(frozen=True)
@@ -123,18 +144,106 @@ def held_out_loss(
     max_length: int = 512,
     autocast: bool = True,
 ) -> LossResult:
-    """Token-weighted loss and perplexity on the assistant turns of rows (all of them: ``chat.encode_chat``)."""
+    """Loss on the assistant turns of rows (all of them: ``chat.encode_chat``), in nats per byte of their text.
+
+    ``loss`` is the summed NLL of every target token divided by the UTF-8 bytes those tokens decode to
+    (``target_bytes``), over the whole set. The end-of-turn token is a target: its NLL is in the sum (ending
+    the answer is part of answering) while, being a special token, it adds no byte; so two tokenizers that
+    both end a turn with a special token are divided by the answer text alone. ``loss_per_token`` and
+    ``perplexity`` are the per-token figures, for comparisons within one tokenizer.
+    """
     encoded = [encode_chat(tokenizer, row, max_length) for row in rows]
     scores = token_logprobs(model, encoded, pad_id(tokenizer), batch_size, autocast)
-    total = sum(s for s, _ in scores)
+    nll = -sum(s for s, _ in scores)
     tokens = sum(n for _, n in scores)
     if tokens == 0:
         raise ValueError(
             f"no target tokens in {len(encoded)} row(s): give rows with non-empty answers within "
             f"max_length={max_length} tokens")
-    loss = -total / tokens
-    perplexity = math.exp(loss) if loss < 700 else math.inf
-    return LossResult(loss, perplexity, tokens, len(encoded))
+    size = sum(target_bytes(tokenizer, ids, labels) for ids, labels in encoded)
+    if size == 0:
+        raise ValueError(
+            f"the {tokens} target token(s) of {len(encoded)} row(s) are all special tokens (no text to measure "
+            "a loss per byte on): give rows with non-empty answers")
+    per_token = nll / tokens
+    perplexity = math.exp(per_token) if per_token < 700 else math.inf
+    return LossResult(loss=nll / size, nll=nll, tokens=tokens, bytes=size, rows=len(encoded),
+                      loss_per_token=per_token, perplexity=perplexity)
+
+
+def target_counts(tokenizer: Any, rows: Sequence[Row], max_length: int = 512) -> tuple[int, int]:
+    """(target tokens, target bytes) of rows as ``held_out_loss`` counts them, without a model.
+
+    The ratio converts a per-token loss measured on the same rows and tokenizer to a per-byte one
+    (``loss_per_token * tokens / bytes``): how a record written per token is brought to ``LOSS_UNIT``.
+    """
+    tokens = size = 0
+    for row in rows:
+        ids, labels = encode_chat(tokenizer, row, max_length)
+        tokens += sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+        size += target_bytes(tokenizer, ids, labels)
+    return tokens, size
+
+
+def target_bytes(tokenizer: Any, ids: Sequence[int], labels: Sequence[int]) -> int:
+    """UTF-8 bytes of the text that the scored target tokens of one encoded row stand for.
+
+    The tokens counted are those the loss scores: every labelled position but the first (nothing predicts
+    it). Special tokens (end of turn, ...) count 0 bytes: they are markup, not text, and tokenizers agree on
+    the text, not on their markup. For a byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) each token's
+    bytes are exact, so a token that splits a multi-byte character counts its own share; other tokenizers
+    are measured by decoding each run of target tokens (special tokens skipped).
+    """
+    positions = [k for k in range(1, len(labels)) if labels[k] != IGNORE_INDEX]
+    if not positions:
+        return 0
+    special = _special_ids(tokenizer)
+    if _is_byte_level(tokenizer):
+        targets = [ids[k] for k in positions]
+        pieces = tokenizer.convert_ids_to_tokens(targets)
+        added = tokenizer.added_tokens_decoder
+        return sum(0 if token_id in special else
+                   len(added[token_id].content.encode("utf-8")) if token_id in added else _byte_level_length(piece)
+                   for token_id, piece in zip(targets, pieces))
+    runs: list[list[int]] = []
+    for k in positions:  # runs of consecutive targets decode as their text (a lone byte-fallback token would not)
+        if runs and runs[-1][1] == k - 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return sum(len(tokenizer.decode([i for i in ids[a : b + 1] if i not in special], skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False).encode("utf-8")) for a, b in runs)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as one printable character (the table byte-level BPE spells tokens in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_LEVEL_CHARS = frozenset(_bytes_to_unicode().values())
+"""The 256 characters of the byte-level alphabet: each stands for exactly one byte."""
+
+
+def _byte_level_length(piece: str) -> int:
+    # every character of a byte-level token is one byte; any other (none expected) counts as its own UTF-8
+    return sum(1 if c in BYTE_LEVEL_CHARS else len(c.encode("utf-8")) for c in piece)
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return isinstance(decoder, decoders.ByteLevel)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the special tokens: the named ones and every added token marked special."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {*tokenizer.all_special_ids, *(i for i, token in added.items() if getattr(token, "special", False))}
 
 
 def score_choices(

@@ -3,6 +3,12 @@
 A candidate and its parent are measured on the same suites; each gate turns one comparison into
 pass/fail with its value, threshold and a signed margin (positive = passed with room, negative = by
 how much it failed). A non-finite number never passes. Stdlib only, no I/O.
+
+Losses are in nats per UTF-8 byte of the target text (``LOSS_UNIT``), not per token, so that models with
+different tokenizers (a trimmed-vocabulary generation and its parent) are measured on one scale: the same
+text scored with the same probability has the same loss per byte however many tokens cut it. The loss
+gates compare relative changes, which need both sides in one unit and nothing more; a pair measured in
+different units fails its gate rather than being compared.
 """
 
 from __future__ import annotations
@@ -11,6 +17,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+LOSS_UNIT = "nats/byte"
+"""The unit of every loss the gates, reports and benches compare: summed NLL (nats) / UTF-8 bytes of target text."""
+PER_TOKEN_LOSS_UNIT = "nats/token"
+"""Mean NLL per target token: the per-token figures kept beside, labelled, and the unit of a record written
+before losses were per byte (one with no ``loss_unit``). It depends on the tokenizer: compare it within one only."""
 
 
 @dataclass(frozen=True)
@@ -53,22 +65,29 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class SuiteMetrics:
-    """One model's numbers on the evaluation suites (the candidate's and its parent's are compared)."""
+    """One model's numbers on the evaluation suites (the candidate's and its parent's are compared).
+
+    Every loss here is in ``loss_unit``: nats per UTF-8 byte of the target text (``LOSS_UNIT``) for anything
+    measured now. Per-token figures may sit beside them in the records; the gates never read them.
+    """
 
     new_data_loss: float
-    """Token-weighted loss on the new data's held-out rows."""
+    """Loss on the new data's held-out rows, in nats per byte of their answers (summed NLL / summed bytes)."""
     params: int
     """Parameter count."""
     experience_losses: Mapping[str, float] = field(default_factory=dict)
-    """Held-out loss per earlier experience (by experience name), the rows of the forgetting matrix."""
+    """Held-out loss per earlier experience (by experience name), in nats per byte: the rows of the forgetting matrix."""
     foundation_probe_loss: float | None = None
-    """Loss on the foundation probe set fixed at generation 0; None if there is none."""
+    """Loss on the foundation probe set fixed at generation 0, in nats per byte; None if there is none."""
     golden_pass_rate: float | None = None
     """Share of golden prompts passed; None if there are no golden prompts yet."""
     golden_count: int = 0
     """How many golden prompts the pass rate is over."""
     decode_tokens_per_s: float | None = None
     """Greedy decode speed on this machine; None if not measured."""
+    loss_unit: str = LOSS_UNIT
+    """The unit of the losses above. ``from_dict`` reads a record without one as ``PER_TOKEN_LOSS_UNIT`` (it was
+    written per token), so that an old number is never compared with a per-byte one as if it were one."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +98,7 @@ class SuiteMetrics:
             "golden_pass_rate": self.golden_pass_rate,
             "golden_count": self.golden_count,
             "decode_tokens_per_s": self.decode_tokens_per_s,
+            "loss_unit": self.loss_unit,
         }
 
     @classmethod
@@ -91,6 +111,7 @@ class SuiteMetrics:
             golden_pass_rate=_optional_float(data.get("golden_pass_rate")),
             golden_count=int(data.get("golden_count") or 0),
             decode_tokens_per_s=_optional_float(data.get("decode_tokens_per_s")),
+            loss_unit=str(data.get("loss_unit") or PER_TOKEN_LOSS_UNIT),
         )
 
 
@@ -138,11 +159,16 @@ def evaluate_gates(
     config: GateConfig,
     foundation: SuiteMetrics | None = None,
 ) -> list[GateResult]:
-    """Every gate for a candidate against its parent (and generation 0, for the cumulative drift gate)."""
+    """Every gate for a candidate against its parent (and generation 0, for the cumulative drift gate).
+
+    The loss gates compare relative changes of losses in nats per byte, so a candidate whose tokenizer cuts
+    the same text into fewer, longer tokens is judged on the text, not on its token count.
+    """
+    units = (candidate.loss_unit, parent.loss_unit)
     results = [
         _relative_improvement_gate(
             "new_data_improvement", candidate.new_data_loss, parent.new_data_loss, config.min_new_data_improvement,
-            "held-out loss on the new data",
+            "held-out loss on the new data", units,
         )
     ]
     for name in sorted(set(parent.experience_losses) | set(candidate.experience_losses)):
@@ -150,14 +176,14 @@ def evaluate_gates(
             _relative_regression_gate(
                 f"experience_regression[{name}]", candidate.experience_losses.get(name),
                 parent.experience_losses.get(name), config.max_experience_regression,
-                f"held-out loss on earlier experience {name!r}",
+                f"held-out loss on earlier experience {name!r}", units,
             )
         )
     if candidate.foundation_probe_loss is not None or parent.foundation_probe_loss is not None:
         results.append(
             _relative_regression_gate(
                 "foundation_regression", candidate.foundation_probe_loss, parent.foundation_probe_loss,
-                config.max_foundation_regression, "foundation probe loss vs the parent",
+                config.max_foundation_regression, "foundation probe loss vs the parent", units,
             )
         )
     if foundation is not None and foundation.foundation_probe_loss is not None:
@@ -165,6 +191,7 @@ def evaluate_gates(
             _relative_regression_gate(
                 "foundation_drift", candidate.foundation_probe_loss, foundation.foundation_probe_loss,
                 config.max_foundation_drift, "foundation probe loss vs generation 0",
+                (candidate.loss_unit, foundation.loss_unit),
             )
         )
     results.append(_golden_gate(candidate, config.min_golden_pass_rate))
@@ -186,7 +213,12 @@ def promotion_decision(results: Sequence[GateResult], auto_promote: bool) -> Dec
     return Decision("await_approval", f"all {len(results)} gates passed; promote it with `selftune promote`")
 
 
-def _relative_improvement_gate(name: str, candidate: float, parent: float, minimum: float, what: str) -> GateResult:
+def _relative_improvement_gate(
+    name: str, candidate: float, parent: float, minimum: float, what: str, units: tuple[str, str]
+) -> GateResult:
+    mismatch = _unit_mismatch(units, what)
+    if mismatch:
+        return GateResult(name, False, None, minimum, None, mismatch)
     problem = _non_finite(candidate, parent, what)
     if problem:
         return GateResult(name, False, _value_or_none(candidate, parent), minimum, None, problem)
@@ -197,16 +229,19 @@ def _relative_improvement_gate(name: str, candidate: float, parent: float, minim
     verdict = "at least" if margin >= 0 else "below the required"
     return GateResult(
         name, margin >= 0, value, minimum, margin,
-        f"{what} {parent:.4f} -> {candidate:.4f}: {value:+.2%} improvement, {verdict} {minimum:.2%}",
+        f"{what} {parent:.4f} -> {candidate:.4f} {units[0]}: {value:+.2%} improvement, {verdict} {minimum:.2%}",
     )
 
 
 def _relative_regression_gate(
-    name: str, candidate: float | None, parent: float | None, maximum: float, what: str
+    name: str, candidate: float | None, parent: float | None, maximum: float, what: str, units: tuple[str, str]
 ) -> GateResult:
     if candidate is None or parent is None:
         missing = "candidate" if candidate is None else "parent"
         return GateResult(name, False, None, maximum, None, f"{what}: the {missing} was not measured on it")
+    mismatch = _unit_mismatch(units, what)
+    if mismatch:
+        return GateResult(name, False, None, maximum, None, mismatch)
     problem = _non_finite(candidate, parent, what)
     if problem:
         return GateResult(name, False, _value_or_none(candidate, parent), maximum, None, problem)
@@ -217,7 +252,7 @@ def _relative_regression_gate(
     verdict = "within" if margin >= 0 else "beyond"
     return GateResult(
         name, margin >= 0, value, maximum, margin,
-        f"{what} {parent:.4f} -> {candidate:.4f}: {value:+.2%}, {verdict} the allowed {maximum:.2%} regression",
+        f"{what} {parent:.4f} -> {candidate:.4f} {units[0]}: {value:+.2%}, {verdict} the allowed {maximum:.2%} regression",
     )
 
 
@@ -264,6 +299,15 @@ def _speed_gate(candidate: float | None, parent: float | None, minimum: float) -
         "decode_speed_ratio", margin >= 0, ratio, minimum, margin,
         f"decode {parent:.1f} -> {candidate:.1f} tokens/s = {ratio:.2f}x, at least {minimum:.2f}x required",
     )
+
+
+def _unit_mismatch(units: tuple[str, str], what: str) -> str:
+    """Why two losses cannot be compared ('' if they can): a relative change is unit-free only within one unit."""
+    candidate, reference = units
+    if candidate == reference:
+        return ""
+    return (f"{what}: the candidate's is in {candidate} and the reference's in {reference}, which do not compare; "
+            f"measure both in {LOSS_UNIT} (run the cycle's evaluate step again)")
 
 
 def _non_finite(candidate: float, parent: float, what: str) -> str:

@@ -8,6 +8,13 @@ The rehearsal set keeps that knowledge: generation 0's answers to other general 
 probe's, are replayed in every cycle at their own share of each batch (``replay.rehearsal_ratio``), so
 that specialising never trains on new data alone (the
 "self-synthesized rehearsal" idea: with no pre-training data at hand, the model's own outputs stand in).
+
+The probe's loss is recorded in nats per byte of the answers (``LOSS_UNIT``, with a ``unit`` field), as
+every generation's probe loss is measured, so the drift gate compares like with like across tokenizers.
+A record written before (no ``unit``: per token) is converted where it is read: its per-token loss times
+generation 0's target tokens over target bytes on the same rows (``evaluate.target_counts``), the
+exact per-byte value of the same measurement. Converting, rather than measuring again, keeps the reference
+number that earlier generations were gated against; the record is rewritten with its unit.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any
 
 # torch and transformers load at import: only the cycle's worker (and benchmarks) import this module.
 from selftune.learners import evaluate as ev
+from selftune.learners.lm import load_tokenizer
+from selftune.policies.gates import LOSS_UNIT, PER_TOKEN_LOSS_UNIT
 from selftune.policies.records import FOUNDATION_ID
 
 from selftune.daemon.context import Context
@@ -26,7 +35,7 @@ from selftune.daemon.context import Context
 PROBE_PROMPTS = Path(__file__).with_name("probe_prompts.json")
 REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal_prompts.json")
 PROBE_FILE = "foundation_probe.json"
-"""In the state directory: the probe rows and generation 0's loss on them, recorded once."""
+"""In the state directory: the probe rows and generation 0's loss on them (``unit``: nats/byte), recorded once."""
 REHEARSAL_FILE = "foundation_rehearsal.json"
 """In the state directory: the rehearsal rows, recorded once."""
 ANSWER_TOKENS = 160
@@ -39,7 +48,7 @@ def foundation_probe(context: Context) -> list[list[dict[str, str]]]:
 
 
 def foundation_probe_loss(context: Context) -> float | None:
-    """Generation 0's own loss on the probe: the reference that drift is measured from (None: no probe)."""
+    """Generation 0's own loss on the probe, in nats per byte: the reference drift is measured from (None: no probe)."""
     loss = _record(context, PROBE_PROMPTS, PROBE_FILE, with_loss=True)["loss"]
     return None if loss is None else float(loss)
 
@@ -60,7 +69,11 @@ def _conversation(row: dict[str, str]) -> list[dict[str, str]]:
 def _record(context: Context, prompts_file: Path, name: str, *, with_loss: bool) -> dict[str, Any]:
     path = context.state / name
     if path.exists():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if with_loss and "unit" not in record:
+            record = _per_byte(context, record)
+            _write(path, record)
+        return record
     model, tokenizer = ev.load_model(context.artifacts.path(FOUNDATION_ID))
     prompts = json.loads(prompts_file.read_text())
     answers = ev.complete_answers(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
@@ -68,8 +81,32 @@ def _record(context: Context, prompts_file: Path, name: str, *, with_loss: bool)
     record: dict[str, Any] = {"generation": FOUNDATION_ID, "rows": rows}
     if with_loss:
         # A foundation that answers nothing (an untrained test model) has no probe; its gates are skipped.
-        record["loss"] = ev.held_out_loss(model, tokenizer, [_conversation(r) for r in rows]).loss if rows else None
+        measured = ev.held_out_loss(model, tokenizer, [_conversation(r) for r in rows]) if rows else None
+        record.update(_loss_fields(measured))
+    _write(path, record)
+    return record
+
+
+def _loss_fields(measured: ev.LossResult | None) -> dict[str, Any]:
+    """The probe record's loss: per byte (``loss``, the reference), with the per-token figure labelled beside."""
+    if measured is None:
+        return {"loss": None, "unit": LOSS_UNIT}
+    return {"loss": measured.loss, "unit": LOSS_UNIT, "loss_per_token": measured.loss_per_token,
+            "per_token_unit": PER_TOKEN_LOSS_UNIT, "tokens": measured.tokens, "bytes": measured.bytes}
+
+
+def _per_byte(context: Context, record: dict[str, Any]) -> dict[str, Any]:
+    """A probe record written per token (no ``unit``) in nats per byte: the same measurement, divided by bytes."""
+    if record.get("loss") is None or not record.get("rows"):
+        return {**record, "loss": None, "unit": LOSS_UNIT}
+    tokenizer = load_tokenizer(context.artifacts.path(FOUNDATION_ID))
+    tokens, size = ev.target_counts(tokenizer, [_conversation(r) for r in record["rows"]])
+    per_token = float(record["loss"])
+    return {**record, "loss": per_token * tokens / size, "unit": LOSS_UNIT, "loss_per_token": per_token,
+            "per_token_unit": PER_TOKEN_LOSS_UNIT, "tokens": tokens, "bytes": size}
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
-    return record

@@ -26,7 +26,9 @@ from selftune.learners import jobs
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
 from selftune.policies.errors import NotFoundError
-from selftune.policies.gates import GateResult, SuiteMetrics, evaluate_gates, promotion_decision
+from selftune.policies.gates import (
+    LOSS_UNIT, PER_TOKEN_LOSS_UNIT, GateResult, SuiteMetrics, evaluate_gates, promotion_decision,
+)
 from selftune.policies.records import CHALLENGER, Cycle, Interaction, Message
 from selftune.policies.selection import golden_prompts, select_training_data
 
@@ -70,7 +72,7 @@ class Rejected(Exception):
 
 def select(work: Work) -> dict[str, Any]:
     """New interactions of the branch since the parent's cutoff, filtered and split; plus golden prompts."""
-    config = work.context.config
+    config = work.config
     cutoff = work.parent.metrics.get("cutoff", {}).get(work.cycle.branch, 0)
     with work.context.store.transaction() as tx:
         interactions = list(tx.interactions.since(work.cycle.branch, cutoff))
@@ -99,7 +101,7 @@ def replay(work: Work) -> dict[str, Any]:
         members = tx.replay.members(work.cycle.branch)
         rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
                  "priority": m.priority} for m in members]
-    rehearsal = foundation_rehearsal(work.context, work.context.config.replay.rehearsal)
+    rehearsal = foundation_rehearsal(work.context, work.config.replay.rehearsal)
     work.write(REPLAY_RESULT, rows)
     work.write(REHEARSAL_RESULT, rehearsal)
     return {"rows": len(rows), "experiences": len({r["experience"] for r in rows}), "rehearsal": len(rehearsal)}
@@ -107,7 +109,7 @@ def replay(work: Work) -> dict[str, Any]:
 
 def train(work: Work) -> dict[str, Any]:
     """LoRA on the parent with replay and EWC, in a child process that checkpoints and can resume."""
-    config = work.context.config
+    config = work.config
     workdir = work.path(TRAIN_DIR)
     _stop_orphan_training(work)
     if not (workdir / jobs.JOB_FILE).exists():
@@ -166,7 +168,7 @@ def merge(work: Work) -> dict[str, Any]:
     shutil.rmtree(work.path(MERGED_DIR), ignore_errors=True)
     try:
         facts = merge_adapter(work.parent_dir, work.path(TRAIN_DIR) / jobs.ADAPTER_DIR, work.path(MERGED_DIR),
-                              trim=work.context.config.trim)
+                              trim=work.config.trim)
     except NonFiniteWeightsError as exc:
         raise Rejected(GateResult("finite_weights", False, None, None, None, str(exc))) from exc
     work.write(MERGE_RESULT, facts)
@@ -175,21 +177,29 @@ def merge(work: Work) -> dict[str, Any]:
 
 def prune(work: Work) -> dict[str, Any]:
     """Structured pruning of the merged model, planned on this cycle's own traffic (if enabled)."""
-    config = work.context.config.pruning
+    config = work.config.pruning
     if not config.enabled:
         return {"enabled": False}
-    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in work.read(SELECT_RESULT)["train"]]
+    data = work.read(SELECT_RESULT)
+    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in data["train"]]
     shutil.rmtree(work.path(PRUNED_DIR), ignore_errors=True)
-    report = prune_directory(work.path(MERGED_DIR), work.path(PRUNED_DIR), traffic, config)
+    # Stepwise layer dropping checks the specialty's held-out loss between removals, cut as evaluation cuts it.
+    report = prune_directory(work.path(MERGED_DIR), work.path(PRUNED_DIR), traffic, config,
+                             held_out=_pairs(data["held_out"]), held_out_max_length=work.config.train.max_length)
     work.write(PRUNE_RESULT, report)
     return {k: report.get(k) for k in ("params_before", "params_after", "layers_removed")}
 
 
 def heal(work: Work) -> dict[str, Any]:
     """A short LoRA pass on the pruned model (new rows and the same replay pool, no EWC), merged in."""
-    config = work.context.config
+    config = work.config
     if not (config.pruning.enabled and config.pruning.heal_steps):
         return {"enabled": False}
+    pruned = work.read(PRUNE_RESULT)
+    if pruned["params_after"] == pruned["params_before"]:  # nothing was cut: nothing to heal, the pruned model is it
+        facts = {"enabled": False, "reason": "pruning removed nothing"}
+        work.write(HEAL_RESULT, facts)
+        return facts
     workdir = work.path(HEAL_DIR)
     _stop_orphan_training(work)
     if not (workdir / jobs.JOB_FILE).exists():
@@ -210,26 +220,32 @@ def heal(work: Work) -> dict[str, Any]:
 
 
 def evaluate(work: Work) -> dict[str, Any]:
-    """The same suites on the candidate and its parent: new data, earlier experiences, foundation, golden, speed."""
+    """The same suites on the candidate and its parent: new data, earlier experiences, foundation, golden, speed.
+
+    Losses are in nats per byte of the answers (``loss_unit``), each model with its own tokenizer, so a
+    candidate with a trimmed vocabulary is measured on its parent's scale; the per-token figures sit beside
+    them under ``*_per_token`` keys, for reading, not for the gates.
+    """
     data = work.read(SELECT_RESULT)
-    limit = work.context.config.cycle.max_eval_rows
+    limit = work.config.cycle.max_eval_rows
     experiences = _experience_rows(work, limit)
     probe = foundation_probe(work.context)
     suites = {}
-    length = work.context.config.train.max_length  # held-out rows are cut where training cuts them: same tokens
+    length = work.config.train.max_length  # held-out rows are cut where training cuts them: same tokens
     for name, directory in (("parent", work.parent_dir), ("candidate", work.candidate_dir)):
         model, tokenizer = ev.load_model(directory)
         golden = [(g["messages"], [g["expected"], *g["rejected"]], 0) for g in data["golden"] if g["rejected"]]
+        new_data = ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit]), max_length=length)
+        earlier = {domain: ev.held_out_loss(model, tokenizer, _pairs(rows), max_length=length)
+                   for domain, rows in experiences.items() if rows}
+        foundation = ev.held_out_loss(model, tokenizer, probe) if probe else None
         suites[name] = {
-            "new_data_loss": ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit]), max_length=length).loss,
-            "experience_losses": {domain: ev.held_out_loss(model, tokenizer, _pairs(rows), max_length=length).loss
-                                  for domain, rows in experiences.items() if rows},
-            "foundation_probe_loss": ev.held_out_loss(model, tokenizer, probe).loss if probe else None,
+            **_loss_suite(new_data, earlier, foundation),
             "golden_pass_rate": ev.choice_accuracy(model, tokenizer, golden).accuracy if golden else None,
             "golden_count": len(golden),
             "params": ev.parameter_count(model),
             "decode_tokens_per_s": ev.decode_tokens_per_second(model, tokenizer).tokens_per_s,
-            "samples": _samples(model, tokenizer, data["held_out"], work.context.config.cycle.sample_answers),
+            "samples": _samples(model, tokenizer, data["held_out"], work.config.cycle.sample_answers),
         }
     work.write(EVALUATE_RESULT, suites)
     return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
@@ -238,7 +254,7 @@ def evaluate(work: Work) -> dict[str, Any]:
 def gate(work: Work) -> dict[str, Any]:
     """The gates on the two suites (and the foundation's, for drift), and what to do with the candidate."""
     suites = work.read(EVALUATE_RESULT)
-    config = work.context.config
+    config = work.config
     results = evaluate_gates(_suite(suites["candidate"]), _suite(suites["parent"]), config.gates,
                              foundation=_foundation_suite(work))
     decision = promotion_decision(results, config.cycle.auto_promote)
@@ -389,8 +405,23 @@ def _experience_rows(work: Work, limit: int) -> dict[str, list[dict[str, Any]]]:
 
 
 def _foundation_suite(work: Work) -> SuiteMetrics:
-    """Generation 0's loss on its own probe answers, for the cumulative drift gate."""
+    """Generation 0's loss on its own probe answers (nats per byte), for the cumulative drift gate."""
     return SuiteMetrics(new_data_loss=float("nan"), params=0, foundation_probe_loss=foundation_probe_loss(work.context))
+
+
+def _loss_suite(new_data: ev.LossResult, earlier: dict[str, ev.LossResult],
+                foundation: ev.LossResult | None) -> dict[str, Any]:
+    """One model's losses as the suites record them: per byte under the gates' keys, per token labelled beside."""
+    return {
+        "loss_unit": LOSS_UNIT,
+        "new_data_loss": new_data.loss,
+        "experience_losses": {domain: result.loss for domain, result in earlier.items()},
+        "foundation_probe_loss": foundation.loss if foundation else None,
+        "per_token_unit": PER_TOKEN_LOSS_UNIT,
+        "new_data_loss_per_token": new_data.loss_per_token,
+        "experience_losses_per_token": {domain: result.loss_per_token for domain, result in earlier.items()},
+        "foundation_probe_loss_per_token": foundation.loss_per_token if foundation else None,
+    }
 
 
 def _suite(values: dict[str, Any]) -> SuiteMetrics:

@@ -34,11 +34,13 @@ def lineage_rows(context: Context) -> list[dict[str, Any]]:
 
 
 def key_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """A generation's headline numbers for the lineage page (empty for the foundation, which has no suites)."""
+    """A generation's headline numbers for the lineage page (empty for the foundation, which has no suites);
+    a loss with its ``unit`` (bits/byte, or nats/token for a generation recorded before losses were per byte)."""
     candidate, parent = metrics.get("candidate") or {}, metrics.get("parent") or {}
     if not candidate:
         return {}
-    return {row["key"]: {"value": row["child"], "relative": row["relative"], "improved": row["improved"]}
+    return {row["key"]: {"value": row["child"], "relative": row["relative"], "improved": row["improved"],
+                         **({"unit": row["unit"]} if row["unit"] else {})}
             for row in summary_rows(candidate, parent) if row["child"] is not None}
 
 

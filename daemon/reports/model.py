@@ -1,5 +1,11 @@
 """The report model: what a generation's pages show, built from its generation.json, the cycle's evaluation
 suites and the lineage. Pure (no templates, no plots, no files), and JSON-ready: report.json is this dict.
+
+Losses are shown in bits per byte of the answers (``BITS_PER_BYTE``): the suites record nats per byte
+(``gates.LOSS_UNIT``), comparable across tokenizers, and a bit is the unit people read. Every loss row
+carries its ``unit``; the per-token figures recorded beside them are shown too, labelled ``nats/token``. A
+record written before losses were per byte (no ``loss_unit``) is shown as it was measured, per token, and
+labelled so: its byte counts were never recorded, so it cannot be converted here.
 """
 
 from __future__ import annotations
@@ -8,10 +14,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from selftune.policies.gates import LOSS_UNIT, PER_TOKEN_LOSS_UNIT
+
+BITS_PER_BYTE = "bits/byte"
+"""The unit the reports show losses in (the suites' nats per byte, divided by ln 2)."""
+PER_TOKEN = PER_TOKEN_LOSS_UNIT
+"""The unit of the per-token figures shown beside (and of records written before losses were per byte)."""
 REPORT_URL = "/v1/generations/{id}/report"
 """Where the HTTP API serves a generation's HTML report; the lineage page links there by default."""
-CURVES = (("loss", "training loss"), ("ewc_penalty", "EWC penalty"), ("tokens_per_s", "throughput (tokens/s)"))
-"""Training curves drawn, as (key in the learner's per-step records, title)."""
+CURVES = (("loss", f"training loss ({PER_TOKEN})"), ("ewc_penalty", "EWC penalty"),
+          ("tokens_per_s", "throughput (tokens/s)"))
+"""Training curves drawn, as (key in the learner's per-step records, title). The trainer's loss is per token."""
 SUMMARY_METRICS = (
     ("new_data_loss", "new-data loss", "lower"),
     ("foundation_probe_loss", "foundation probe loss", "lower"),
@@ -20,11 +33,14 @@ SUMMARY_METRICS = (
     ("decode_tokens_per_s", "decode tokens/s", "higher"),
 )
 """The headline numbers of a generation, parent vs child, and which direction is better."""
+LOSSES = frozenset({"new_data_loss", "foundation_probe_loss"})
+"""The summary's losses: shown per byte (``loss_view``), with their per-token figures beside."""
 
 
 def build_report(generation_id: int, manifest: Mapping[str, Any], suites: Mapping[str, Any],
                  lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The manifest plus what the pages show: headline numbers, forgetting matrix, samples, lineage, curves.
+    """The manifest plus what the pages show: headline numbers, forgetting matrix (losses in
+    ``loss_unit_shown``), samples, lineage, curves.
 
     ``suites`` is the cycle's evaluate.json (``{"parent": {..., "samples": [...]}, "candidate": {...}}``);
     ``lineage`` the rows of ``views.generations_view`` (optional: the report then shows parent and branch only).
@@ -43,21 +59,56 @@ def build_report(generation_id: int, manifest: Mapping[str, Any], suites: Mappin
         "gates_passed": sum(1 for g in gates if g.get("passed")),
         "data_mix": data_mix(manifest.get("data") or {}, training),
         "forgetting": forgetting_rows(candidate, parent),
+        "loss_unit_shown": loss_view(candidate, parent, None, None)["unit"],
         "samples": paired_samples(suites),
         "lineage": lineage_snippet(generation_id, manifest, lineage),
     })
 
 
 def summary_rows(candidate: Mapping[str, Any], parent: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Headline numbers parent -> child, each with its change and whether that change is for the better."""
+    """Headline numbers parent -> child, each with its change and whether that change is for the better.
+
+    Loss rows are in ``unit`` (bits/byte; nats/token for an old record) and carry ``per_token``: the
+    per-token figures (``{"parent", "child", "unit"}``), or None where none were recorded beside them.
+    """
     rows = []
     for key, label, better in SUMMARY_METRICS:
-        before, after = finite(parent.get(key)), finite(candidate.get(key))
+        if key in LOSSES:
+            view = loss_view(candidate, parent, candidate.get(key), parent.get(key))
+            before, after, unit = view["parent"], view["child"], view["unit"]
+            per_token = _per_token(candidate, parent, candidate.get(f"{key}_per_token"), parent.get(f"{key}_per_token"))
+        else:
+            before, after, unit, per_token = finite(parent.get(key)), finite(candidate.get(key)), None, None
         relative = _relative(before, after)
         improved = None if relative is None or relative == 0 else (relative < 0) == (better == "lower")
-        rows.append({"key": key, "label": label, "parent": before, "child": after, "relative": relative,
-                     "better": better, "improved": improved})
+        rows.append({"key": key, "label": label, "unit": unit, "parent": before, "child": after, "relative": relative,
+                     "better": better, "improved": improved, "per_token": per_token})
     return rows
+
+
+def loss_view(candidate: Mapping[str, Any], parent: Mapping[str, Any], child_loss: Any,
+              parent_loss: Any) -> dict[str, Any]:
+    """Two recorded losses as shown: in bits per byte if their suites say nats per byte, else (an old record,
+    per token) as recorded, labelled per token. Suites in different units give no comparable pair: None."""
+    units = {_unit_of(candidate), _unit_of(parent)}
+    if len(units) > 1:
+        return {"parent": None, "child": None, "unit": None}
+    scale = 1 / math.log(2) if units == {LOSS_UNIT} else 1.0
+    shown = BITS_PER_BYTE if units == {LOSS_UNIT} else PER_TOKEN
+    before, after = finite(parent_loss), finite(child_loss)
+    return {"parent": None if before is None else before * scale, "child": None if after is None else after * scale,
+            "unit": shown}
+
+
+def _unit_of(suite: Mapping[str, Any]) -> str:
+    return str(suite.get("loss_unit") or PER_TOKEN_LOSS_UNIT)
+
+
+def _per_token(candidate: Mapping[str, Any], parent: Mapping[str, Any], child: Any, before: Any) -> dict[str, Any] | None:
+    """The per-token figures beside per-byte losses (none for an old record: its main figures are per token)."""
+    if _unit_of(candidate) != LOSS_UNIT or (finite(child) is None and finite(before) is None):
+        return None
+    return {"parent": finite(before), "child": finite(child), "unit": PER_TOKEN}
 
 
 def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,23 +142,30 @@ def _total(values: Any) -> float | None:
 
 def forgetting_rows(candidate: Mapping[str, Any], parent: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The forgetting matrix: held-out loss of parent and child on the new data, every earlier experience
-    (by domain) and the foundation probe, with the change (a rise is forgetting)."""
-    rows = [_loss_row("new data (this cycle, held out)", "new", parent.get("new_data_loss"),
-                      candidate.get("new_data_loss"))]
+    (by domain) and the foundation probe, with the change (a rise is forgetting). In ``unit`` (bits/byte;
+    nats/token for an old record), each row with its per-token figures beside (``per_token``, or None)."""
+    rows = [_loss_row("new data (this cycle, held out)", "new", candidate, parent, "new_data_loss")]
     before, after = parent.get("experience_losses") or {}, candidate.get("experience_losses") or {}
-    rows += [_loss_row(f"experience: {domain}", "experience", before.get(domain), after.get(domain))
+    rows += [_loss_row(f"experience: {domain}", "experience", candidate, parent, "experience_losses", domain)
              for domain in sorted(set(before) | set(after))]
     if parent.get("foundation_probe_loss") is not None or candidate.get("foundation_probe_loss") is not None:
-        rows.append(_loss_row("foundation probe", "foundation", parent.get("foundation_probe_loss"),
-                              candidate.get("foundation_probe_loss")))
+        rows.append(_loss_row("foundation probe", "foundation", candidate, parent, "foundation_probe_loss"))
     return rows
 
 
-def _loss_row(name: str, kind: str, parent: Any, child: Any) -> dict[str, Any]:
-    before, after = finite(parent), finite(child)
-    delta = None if before is None or after is None else after - before
-    return {"name": name, "kind": kind, "parent": before, "child": after, "delta": delta,
-            "relative": _relative(before, after)}
+def _loss_row(name: str, kind: str, candidate: Mapping[str, Any], parent: Mapping[str, Any], key: str,
+              domain: str | None = None) -> dict[str, Any]:
+    """One suite of the matrix: the loss under ``key`` (of ``domain``, for experiences) and its per-token twin."""
+    def pick(suite: Mapping[str, Any], field: str) -> Any:
+        value = suite.get(field)
+        return (value or {}).get(domain) if domain is not None else value
+
+    view = loss_view(candidate, parent, pick(candidate, key), pick(parent, key))
+    before, after = view["parent"], view["child"]
+    return {"name": name, "kind": kind, "unit": view["unit"], "parent": before, "child": after,
+            "delta": None if before is None or after is None else after - before, "relative": _relative(before, after),
+            "per_token": _per_token(candidate, parent, pick(candidate, f"{key}_per_token"),
+                                    pick(parent, f"{key}_per_token"))}
 
 
 def paired_samples(suites: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ def render_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     """PNG images by name (curves, forgetting, data, pruning); a plot with nothing to show is left out."""
     figures = {
         "curves": _curves_figure(report["training"].get("curves") or {}),
-        "forgetting": _forgetting_figure(report["forgetting"], report["id"]),
+        "forgetting": _forgetting_figure(report["forgetting"], report["id"], report.get("loss_unit_shown")),
         "data": _data_figure(report.get("data") or {}, report["data_mix"]),
         "pruning": _pruning_figure(report.get("pruning") or {}),
     }
@@ -65,7 +65,7 @@ def _finite_points(values: list[Any] | None, steps: list[Any] | None = None) -> 
     return [(float(x), y) for x, v in zip(xs, values) if (y := finite(v)) is not None and finite(x) is not None]
 
 
-def _forgetting_figure(rows: list[dict[str, Any]], generation_id: int) -> Figure | None:
+def _forgetting_figure(rows: list[dict[str, Any]], generation_id: int, unit: str | None) -> Figure | None:
     if not any(r["parent"] is not None or r["child"] is not None for r in rows):
         return None
     import numpy as np  # only when drawing, as matplotlib (see the module docstring)
@@ -91,7 +91,7 @@ def _forgetting_figure(rows: list[dict[str, Any]], generation_id: int) -> Figure
         strong = row["relative"] is not None and abs(row["relative"]) > 0.6 * limit
         axes.text(1, y, label, ha="center", va="center", fontsize=10, color="white" if strong else "black")
     figure.colorbar(image, ax=axes, label="held-out loss change vs parent", format=PercentFormatter(1.0, decimals=0))
-    axes.set_title("Forgetting matrix: held-out loss (red = worse than the parent)", fontsize=11)
+    axes.set_title(f"Forgetting matrix: held-out loss in {unit or '-'} (red = worse than the parent)", fontsize=11)
     return figure
 
 

@@ -69,13 +69,18 @@ def model_card(report: Mapping[str, Any]) -> str:
 
 
 def model_card_metadata(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's YAML metadata: what the Hub indexes (library, pipeline, tags, metrics)."""
+    """The card's YAML metadata: what the Hub indexes (library, pipeline, tags, metrics; losses as the report
+    shows them, their unit in the name)."""
     candidate = (report.get("metrics") or {}).get("candidate") or {}
-    measured = [("loss", "held-out loss on new data", candidate.get("new_data_loss")),
-                ("loss", "foundation probe loss", candidate.get("foundation_probe_loss")),
+    rows = report["forgetting"]
+
+    def losses(kind: str, name: str) -> list[tuple[str, str, Any]]:
+        return [("loss", f"{name.format(r['name'].removeprefix('experience: '))} ({r['unit']})", r["child"])
+                for r in rows if r["kind"] == kind]
+
+    measured = [*losses("new", "held-out loss on new data"), *losses("foundation", "foundation probe loss"),
                 ("accuracy", "golden prompt pass rate", candidate.get("golden_pass_rate")),
-                *(("loss", f"held-out loss on experience {d}", v)
-                  for d, v in sorted((candidate.get("experience_losses") or {}).items()))]
+                *losses("experience", "held-out loss on experience {}")]
     metrics = [{"type": kind, "name": name, "value": round(float(value), 6)}
                for kind, name, value in measured if finite(value) is not None]
     return {

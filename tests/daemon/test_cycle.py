@@ -68,6 +68,9 @@ def test_a_cycle_makes_a_promoted_generation(state: Path) -> None:
     assert set(manifest["training"]) >= {"steps", "learning_rate", "lora_rank", "batch_size", "tokens",
                                          "replay_ratio", "ewc_lambda"}
     assert manifest["training"]["steps"] == 12 and manifest["training"]["tokens"] > 0
+    for suite in (manifest["metrics"]["candidate"], manifest["metrics"]["parent"]):  # per byte, per token beside
+        assert suite["loss_unit"] == "nats/byte" and suite["per_token_unit"] == "nats/token"
+        assert suite["new_data_loss_per_token"] > suite["new_data_loss"] > 0  # a token holds more than one byte
     for name in ("model.safetensors", "config.json", "adapter", "fisher.safetensors", "report.md", "README.md"):
         assert (state / "generations" / "1" / name).exists(), name
     work = state / "cycles" / str(result["cycle"])  # records stay; intermediate models are dropped
@@ -78,6 +81,25 @@ def test_a_cycle_makes_a_promoted_generation(state: Path) -> None:
     # nothing new to learn: the next cycle is skipped, and the champion stays
     again = cycle(state)
     assert again["status"] == "skipped" and again["generation"] is None
+
+
+def test_a_probe_recorded_per_token_is_read_per_byte_and_rewritten_with_its_unit(state: Path) -> None:
+    from selftune.daemon.cycle import probes
+    from selftune.learners import evaluate as ev
+
+    context = Context.open(str(state))
+    rows = [{"prompt": "What is a list?", "answer": "A mutable sequence — of items."},
+            {"prompt": "Greet me.", "answer": "Hello, wörld! 👋"}]
+    conversations = [probes._conversation(r) for r in rows]
+    measured = ev.held_out_loss(*ev.load_model(context.artifacts.path(0)), conversations, autocast=False)
+    old = {"generation": 0, "rows": rows, "loss": measured.loss_per_token}  # as written before: per token, no unit
+    (state / probes.PROBE_FILE).write_text(json.dumps(old))
+    assert probes.foundation_probe_loss(context) == pytest.approx(measured.loss, rel=1e-9)  # what a fresh measure gives
+    record = json.loads((state / probes.PROBE_FILE).read_text())
+    assert record["unit"] == "nats/byte" and record["loss"] == pytest.approx(measured.loss, rel=1e-9)
+    assert (record["loss_per_token"], record["tokens"], record["bytes"]) == (measured.loss_per_token, measured.tokens,
+                                                                             measured.bytes)
+    assert probes.foundation_probe(context) == conversations  # the probe's rows stay the same
 
 
 def test_a_pruned_generation_is_healed_smaller_and_loads_in_a_fresh_process(state: Path) -> None:
@@ -157,6 +179,11 @@ def test_a_branch_specialises_without_touching_main(state: Path) -> None:
     assert result["status"] == "promoted", result
     generations = {g["id"]: g for g in json.loads(selftune(state, "generations", "--json").stdout)}
     assert generations[result["generation"]]["branch"] == "chem" and generations[result["generation"]]["parent"] == 1
+    # A specialist prunes by default, stepwise; the tiny model's two layers are both edge layers, so nothing goes,
+    # and a heal with nothing cut is skipped rather than run for nothing.
+    pruning = json.loads((state / "generations" / str(result["generation"]) / "generation.json").read_text())["pruning"]
+    assert pruning["enabled"] and pruning["layer_dropping"] == "stepwise" and pruning["layers_removed"] == []
+    assert pruning["heal"] == {"enabled": False, "reason": "pruning removed nothing"}
     assert generations[1]["aliases"] == ["champion"]  # main's; chem's champion moved on
     tree = selftune(state, "generations", "--tree").stdout
     assert "chem" in tree and "main" in tree

@@ -26,19 +26,28 @@ from selftune.daemon.reports.model import build_report, forgetting_rows, lineage
 from selftune.daemon.reports.render import write_reports
 
 HOSTILE = "<script>alert('x')</script> a | b & c"
+LN2 = math.log(2)  # the suites record nats per byte; the reports show bits per byte (nats / ln 2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def manifest(status: str = "promoted") -> dict[str, Any]:
-    """A generation.json as recipe.generation_manifest writes it (trimmed id lists), for generation 3."""
+    """A generation.json as recipe.generation_manifest writes it (trimmed id lists), for generation 3.
+
+    Its losses are nats per byte whose bits per byte are round numbers (2.31, 1.62, ...), per token beside."""
     steps = list(range(1, 13))
     failed = status == "rejected"
-    parent = {"new_data_loss": 2.31, "experience_losses": {"python": 1.42, "chemistry_elements": 1.95},
-              "foundation_probe_loss": 1.10, "golden_pass_rate": None, "golden_count": 0, "params": 1000,
-              "decode_tokens_per_s": 40.0}
-    candidate = {"new_data_loss": 1.62, "experience_losses": {"python": 1.47, "chemistry_elements": 2.21},
-                 "foundation_probe_loss": 1.13, "golden_pass_rate": None, "golden_count": 0, "params": 900,
-                 "decode_tokens_per_s": 44.0}
+    parent = {"loss_unit": "nats/byte", "new_data_loss": 2.31 * LN2,
+              "experience_losses": {"python": 1.42 * LN2, "chemistry_elements": 1.95 * LN2},
+              "foundation_probe_loss": 1.10 * LN2, "golden_pass_rate": None, "golden_count": 0, "params": 1000,
+              "decode_tokens_per_s": 40.0, "per_token_unit": "nats/token", "new_data_loss_per_token": 6.5,
+              "experience_losses_per_token": {"python": 4.1, "chemistry_elements": 5.25},
+              "foundation_probe_loss_per_token": 3.0}
+    candidate = {"loss_unit": "nats/byte", "new_data_loss": 1.62 * LN2,
+                 "experience_losses": {"python": 1.47 * LN2, "chemistry_elements": 2.21 * LN2},
+                 "foundation_probe_loss": 1.13 * LN2, "golden_pass_rate": None, "golden_count": 0, "params": 900,
+                 "decode_tokens_per_s": 44.0, "per_token_unit": "nats/token", "new_data_loss_per_token": 4.5,
+                 "experience_losses_per_token": {"python": 4.25, "chemistry_elements": 6.0},
+                 "foundation_probe_loss_per_token": 3.125}
     return {
         "parent": 2, "branch": "main", "cycle": 7, "kind": "generation", "params": 900, "status": status,
         "data": {"counts": {"train": 18, "held_out": 2, "excluded_near_duplicate": 3, "replay": 6, "interactions": 23},
@@ -139,13 +148,47 @@ def test_the_forgetting_matrix_has_every_earlier_domain_and_the_foundation_probe
     assert [(r["name"], r["kind"]) for r in rows] == [
         ("new data (this cycle, held out)", "new"), ("experience: chemistry_elements", "experience"),
         ("experience: python", "experience"), ("foundation probe", "foundation")]
-    chemistry = rows[1]
-    assert chemistry["parent"] == 1.95 and chemistry["child"] == 2.21
+    chemistry = rows[1]  # in bits per byte, the per-token figures beside
+    assert chemistry["unit"] == "bits/byte" and chemistry["per_token"] == {"parent": 5.25, "child": 6.0, "unit": "nats/token"}
+    assert chemistry["parent"] == pytest.approx(1.95) and chemistry["child"] == pytest.approx(2.21)
     assert math.isclose(chemistry["delta"], 0.26) and math.isclose(chemistry["relative"], 0.26 / 1.95)
     # a domain the parent never saw has no change; no foundation probe on either side: no row
     rows = forgetting_rows({"new_data_loss": 1.0, "experience_losses": {"new": 2.0}}, {"new_data_loss": 1.5})
     assert [(r["name"], r["parent"], r["relative"]) for r in rows] == [
         ("new data (this cycle, held out)", 1.5, pytest.approx(-1 / 3)), ("experience: new", None, None)]
+
+
+def test_losses_show_their_unit_bits_per_byte_with_the_per_token_figures_beside(written: Path) -> None:
+    html = (written / "report.html").read_text()
+    assert '<div class="label">new-data loss <span class="unit">(bits/byte)</span></div>' in html
+    assert "per token: 4.5, parent 6.5 nats/token" in html
+    assert 'in <span id="loss-unit">bits/byte</span>' in html
+    assert '<th class="num">parent (bits/byte)</th><th class="num">child (bits/byte)</th>' in html
+    assert '<td class="num muted">5.25</td><td class="num muted">6</td>' in html
+    report = json.loads((written / "report.json").read_text())
+    assert report["loss_unit_shown"] == "bits/byte"
+    assert report["summary"][0]["unit"] == "bits/byte" and report["summary"][3]["unit"] is None  # parameters
+    assert report["metrics"]["candidate"]["loss_unit"] == "nats/byte"  # the record itself stays as measured
+
+
+def test_a_generation_recorded_per_token_is_shown_per_token_and_says_so(tmp_path: Path) -> None:
+    """A generation.json written before losses were per byte (no loss_unit): its numbers as they were measured."""
+    old = manifest()
+    for suite in (old["metrics"]["candidate"], old["metrics"]["parent"]):
+        for key in [k for k in suite if k == "loss_unit" or "per_token" in k]:
+            del suite[key]
+    old["metrics"]["parent"]["new_data_loss"], old["metrics"]["candidate"]["new_data_loss"] = 2.31, 1.62
+    write_reports(tmp_path, 3, old, suites())
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| new-data loss (nats/token) | 2.31 | 1.62 | -29.9% (better) |" in markdown
+    assert "## Forgetting matrix (held-out loss in nats/token; a rise is forgetting)" in markdown
+    assert "| new data (this cycle, held out) | 2.31 | 1.62 | -0.69 | -29.9% |\n" in markdown  # no per-token columns
+    assert "per token" not in markdown
+    html = (tmp_path / "report.html").read_text()
+    assert '<th class="num">parent (nats/token)</th>' in html and "per token:" not in html
+    meta = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
+    assert {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}[
+        "held-out loss on new data (nats/token)"] == 1.62
 
 
 def test_report_json_is_strict_json_even_with_non_finite_numbers(tmp_path: Path) -> None:
@@ -156,8 +199,9 @@ def test_report_json_is_strict_json_even_with_non_finite_numbers(tmp_path: Path)
     report = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert report["metrics"]["candidate"]["new_data_loss"] is None
     assert report["training"]["curves"]["loss"][3] is None and report["training"]["curves"]["step"][:2] == [1, 2]
-    assert report["forgetting"][0] == {"name": "new data (this cycle, held out)", "kind": "new", "parent": 2.31,
-                                       "child": None, "delta": None, "relative": None}
+    assert report["forgetting"][0] == {"name": "new data (this cycle, held out)", "kind": "new", "unit": "bits/byte",
+                                       "parent": pytest.approx(2.31), "child": None, "delta": None, "relative": None,
+                                       "per_token": {"parent": 6.5, "child": 4.5, "unit": "nats/token"}}
     assert report["samples"][1] == {"prompt": "What is the symbol of iron?", "reference": "Fe", "parent": "Ir", "child": "Fe"}
     assert report["gates"] == broken["gates"] and report["data"]["train_ids"] == list(range(1, 19))
 
@@ -181,11 +225,13 @@ def test_curves_come_as_records_or_columns_and_missing_ones_are_said_to_be_missi
 def test_the_markdown_report_summarises_for_a_terminal(written: Path) -> None:
     markdown = (written / "report.md").read_text()
     assert markdown.startswith("# Generation 3: PROMOTED\n")
-    assert "| new-data loss | 2.31 | 1.62 | -29.9% (better) |" in markdown
+    assert "| new-data loss (bits/byte) | 2.31 | 1.62 | -29.9% (better) |" in markdown
+    assert "| new-data loss, per token (nats/token) | 6.5 | 4.5 | - |" in markdown
+    assert "## Forgetting matrix (held-out loss in bits/byte; a rise is forgetting)" in markdown
     assert "| experience_regression[chemistry_elements] | pass | 0.1333 | 0.2 | 0.0667 |" in markdown
     assert "- experience_regression[chemistry_elements]: rose 13.3%" in markdown
-    assert "| experience: chemistry_elements | 1.95 | 2.21 | 0.26 | +13.3% |" in markdown
-    assert "| training loss | 2.9 | 1.8 | 1.8 | 2.35 | 12 |" in markdown
+    assert "| experience: chemistry_elements | 1.95 | 2.21 | 0.26 | +13.3% | 5.25 | 6 |" in markdown
+    assert "| training loss (nats/token) | 2.9 | 1.8 | 1.8 | 2.35 | 12 |" in markdown
     assert "| parameters | 1,000 | 900 |" in markdown and "Layers removed: 1." in markdown
     assert "- filters applied: near duplicate (3 excluded)." in markdown
     assert ("- replay: a buffer of 6 rows of earlier experiences and 64 rehearsal rows (generation 0's own answers) "
@@ -204,8 +250,10 @@ def test_the_model_card_has_hugging_face_metadata_and_the_metrics(written: Path)
     (index,) = meta["model-index"]
     assert index["name"] == "selftune-generation-3"
     metrics = {m["name"]: m["value"] for m in index["results"][0]["metrics"]}
-    assert metrics == {"held-out loss on new data": 1.62, "foundation probe loss": 1.13,
-                       "held-out loss on experience chemistry_elements": 2.21, "held-out loss on experience python": 1.47}
+    assert metrics == {"held-out loss on new data (bits/byte)": 1.62, "foundation probe loss (bits/byte)": 1.13,
+                       "held-out loss on experience chemistry_elements (bits/byte)": 2.21,
+                       "held-out loss on experience python (bits/byte)": 1.47}
+    assert "| new-data loss (bits/byte) | 2.31 | 1.62 | -29.9% |" in body
     assert body.startswith("# selftune generation 3") and "| new_data_improvement | pass |" in body
 
 
@@ -265,7 +313,7 @@ def state(tmp_path: Path) -> Path:
         tx.generations.add("main", str(artifacts.root / "0"), "c0", 1000, status="promoted", id=0)
         tx.generations.add("main", str(artifacts.root / "1"), "c1", 900, parent_id=0, status="promoted",
                            metrics=manifest()["metrics"], id=1)
-        tx.branches.create("chem", root_generation_id=1, domain="chemistry")
+        tx.branches.create("chem", root_generation_id=1, domains=["chemistry"])
         tx.generations.add("chem", str(artifacts.root / "2"), "c2", 900, parent_id=1, status="rejected",
                            metrics=manifest("rejected")["metrics"], id=2)
         tx.aliases.set("main", "champion", 1)
@@ -280,12 +328,13 @@ def test_lineage_rows_add_key_metrics_and_times_to_the_generations_view(state: P
         (0, None, "main", "promoted", []), (1, 0, "main", "promoted", ["champion", "chem:champion"]),
         (2, 1, "chem", "rejected", [])]
     assert rows[0]["metrics"] == {} and rows[0]["created_at"]
-    assert rows[1]["metrics"]["new_data_loss"] == {"value": 1.62, "relative": pytest.approx(-0.2987, abs=1e-4),
-                                                   "improved": True}
+    assert rows[1]["metrics"]["new_data_loss"] == {"value": pytest.approx(1.62), "relative": pytest.approx(-0.2987, abs=1e-4),
+                                                   "improved": True, "unit": "bits/byte"}
     assert rows[1]["metrics"]["decode_tokens_per_s"]["improved"] is True
     assert "golden_pass_rate" not in rows[1]["metrics"]  # not measured: not shown
     html = render_lineage_html(rows)
     assert html.count('class="report"') == 2 and "Forked from" in html
+    assert "new-data loss 1.62 bits/byte" in html
 
 
 def run_report(state: Path, *args: str) -> Any:

@@ -1,7 +1,8 @@
-"""Evaluation on the tiny Llama: assistant-only token-weighted loss, choice scoring, generation, speed, size."""
+"""Evaluation on the tiny Llama: assistant-only loss per byte (and per token), choice scoring, generation, speed, size."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import torch
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from selftune.learners.chat import encode_chat
+from selftune.learners import evaluate
+from selftune.learners.chat import IGNORE_INDEX, encode_chat
 from selftune.learners.evaluate import (
+    BYTE_LEVEL_CHARS,
     choice_accuracy,
     complete_answers,
     decode_tokens_per_second,
@@ -20,7 +23,10 @@ from selftune.learners.evaluate import (
     load_model,
     parameter_count,
     score_choices,
+    target_bytes,
+    target_counts,
 )
+from selftune.policies.gates import LOSS_UNIT
 
 PAIRS = [
     ("What is a list in Python?", "A mutable sequence of items."),
@@ -35,10 +41,10 @@ def tiny(tiny_model_dir: Path):
     return load_model(tiny_model_dir)
 
 
-def test_held_out_loss_is_token_weighted_and_matches_transformers(tiny) -> None:
+def test_held_out_loss_is_per_byte_of_the_answers_and_matches_transformers(tiny) -> None:
     model, tokenizer = tiny
     result = held_out_loss(model, tokenizer, PAIRS, batch_size=2, autocast=False)
-    # Token-weighted mean of each row's own (transformers-computed) mean loss.
+    # The summed NLL of each row's own (transformers-computed) mean loss, over the tokens and over the bytes.
     total, tokens = 0.0, 0
     for pair in PAIRS:
         ids, labels = encode_chat(tokenizer, pair)
@@ -47,12 +53,84 @@ def test_held_out_loss_is_token_weighted_and_matches_transformers(tiny) -> None:
         n = sum(1 for lab in labels[1:] if lab != -100)
         total += out.loss.item() * n
         tokens += n
-    assert result.tokens == tokens and result.rows == 3
-    assert result.loss == pytest.approx(total / tokens, rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    answer_bytes = sum(len(answer.encode("utf-8")) for _, answer in PAIRS)  # the end of turn adds no byte
+    assert result.tokens == tokens and result.rows == 3 and result.bytes == answer_bytes
+    assert result.nll == pytest.approx(total, rel=1e-5)
+    assert result.loss == pytest.approx(total / answer_bytes, rel=1e-5) == result.nll / result.bytes
+    assert result.bits_per_byte == pytest.approx(result.loss / math.log(2))
+    assert result.loss_per_token == pytest.approx(total / tokens, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss_per_token))
+    assert result.to_dict()["unit"] == LOSS_UNIT == "nats/byte"
+    assert target_counts(tokenizer, PAIRS) == (result.tokens, result.bytes)
     # Padding does not change the answer, and bf16 autocast stays close to float32.
     assert held_out_loss(model, tokenizer, PAIRS, batch_size=1, autocast=False).loss == pytest.approx(result.loss, rel=1e-5)
     assert held_out_loss(model, tokenizer, PAIRS, batch_size=3).loss == pytest.approx(result.loss, rel=2e-2)
+
+
+def test_target_bytes_are_the_answer_text_in_utf8_and_special_tokens_count_none(tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # multi-byte characters that byte-level BPE splits across tokens count their own share in each
+    for answer in ["A mutable sequence of items.", "naïve café – 東京 🚀 ok", "x", "tab\tand\nnewline."]:
+        ids, labels = encode_chat(tokenizer, ("Say it.", answer))
+        assert ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # a target, of 0 bytes
+        assert target_bytes(tokenizer, ids, labels) == len(answer.encode("utf-8")), answer
+    # a multi-turn row counts every answer; a cut row only what is left of its answers
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Über."}]
+    ids, labels = encode_chat(tokenizer, turns)
+    assert target_bytes(tokenizer, ids, labels) == len("Hello there.Über.".encode("utf-8"))
+    first = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert target_bytes(tokenizer, ids[: first + 1], labels[: first + 1]) == len("Hello".encode("utf-8"))
+    assert target_bytes(tokenizer, ids, [IGNORE_INDEX] * len(ids)) == 0
+
+
+def test_two_tokenizations_of_the_same_text_have_the_same_bytes(tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    answer = "Fewer, longer tokens — or one per byte: the text is the same (ü)."
+    ids, labels = encode_chat(tokenizer, ("Say it.", answer))
+    start = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+    # the same answer spelt one byte-level token per byte, then the same end of turn
+    table = evaluate._bytes_to_unicode()  # byte -> its character in the byte-level alphabet
+    assert set(table.values()) == BYTE_LEVEL_CHARS and len(BYTE_LEVEL_CHARS) == 256
+    per_byte = tokenizer.convert_tokens_to_ids([table[b] for b in answer.encode("utf-8")])
+    spelt = [*ids[:start], *per_byte, ids[-1]]
+    assert len(spelt) > len(ids) + 10 and tokenizer.decode(spelt[start:-1]) == answer
+    assert target_bytes(tokenizer, spelt, [IGNORE_INDEX] * start + spelt[start:]) == len(answer.encode("utf-8"))
+    assert target_bytes(tokenizer, ids, labels) == len(answer.encode("utf-8"))
+
+
+def test_target_bytes_of_a_tokenizer_that_is_not_byte_level_decode_the_target_runs(
+        tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    monkeypatch.setattr(evaluate, "_is_byte_level", lambda tok: False)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "naïve café – 東京 🚀"},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Über."}]
+    ids, labels = encode_chat(tokenizer, turns)
+    assert target_bytes(tokenizer, ids, labels) == len("naïve café – 東京 🚀Über.".encode("utf-8"))
+
+
+def test_a_tokenizer_with_fewer_merges_scores_the_same_bytes_in_more_tokens(tiny, tokenizer_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    # The same vocabulary without its merges: every word spelt byte by byte (ids unchanged, so the model runs)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = []
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    bytewise = AutoTokenizer.from_pretrained(tmp_path)
+    coarse = held_out_loss(model, tokenizer, PAIRS, autocast=False)
+    fine = held_out_loss(model, bytewise, PAIRS, autocast=False)
+    assert fine.tokens > 2 * coarse.tokens
+    assert fine.bytes == coarse.bytes == sum(len(answer.encode("utf-8")) for _, answer in PAIRS)
+    assert fine.loss == pytest.approx(fine.nll / fine.bytes) and fine.loss_per_token == pytest.approx(fine.nll / fine.tokens)
+
+
+def test_a_row_set_with_no_text_to_measure_is_an_error_naming_it(tiny) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="all special tokens"):
+        held_out_loss(model, tokenizer, [("Say nothing.", "")], autocast=False)
 
 
 def test_choice_scoring_prefers_what_the_model_was_taught(tiny_model_dir: Path) -> None:

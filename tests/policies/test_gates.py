@@ -8,6 +8,8 @@ import math
 import pytest
 
 from selftune.policies.gates import (
+    LOSS_UNIT,
+    PER_TOKEN_LOSS_UNIT,
     GateConfig,
     GateResult,
     SuiteMetrics,
@@ -138,3 +140,40 @@ def test_suite_metrics_round_trip_and_config_problems() -> None:
     problems = GateConfig(min_golden_pass_rate=2.0, max_params_ratio=0.0, max_experience_regression=-1.0,
                           min_new_data_improvement=math.nan).problems()
     assert len(problems) == 4
+
+
+def test_a_candidate_with_fewer_longer_tokens_is_judged_on_the_text_not_its_token_count() -> None:
+    # Earlier experiences and the probe: the same answers (1,000 bytes) with the same summed NLL (1,200 nats),
+    # cut into 400 tokens by the parent and into 250 by a trimmed-vocabulary candidate. The new data: the
+    # candidate learnt it (960 nats, 20% less).
+    size, parent_tokens, candidate_tokens = 1000, 400, 250
+
+    def suite(unit: float, new_nll: float, params: int) -> SuiteMetrics:
+        return SuiteMetrics(new_data_loss=new_nll / unit, params=params, experience_losses={"exp1": 1200.0 / unit},
+                            foundation_probe_loss=1200.0 / unit, decode_tokens_per_s=100.0)
+
+    fair = by_name(evaluate_gates(suite(size, 960.0, 800), suite(size, 1200.0, 1000), CONFIG))
+    assert all(r.passed for r in fair.values()), [r.reason for r in fair.values() if not r.passed]
+    assert fair["experience_regression[exp1]"].value == 0 and fair["foundation_regression"].value == 0
+    assert fair["new_data_improvement"].value == pytest.approx(0.2)
+    assert "nats/byte" in fair["foundation_regression"].reason
+    # per token the candidate would look 60% worse on everything it did not change, and fail
+    unfair = by_name(evaluate_gates(suite(candidate_tokens, 960.0, 800), suite(parent_tokens, 1200.0, 1000), CONFIG))
+    assert unfair["experience_regression[exp1]"].value == pytest.approx(0.6)
+    assert not unfair["foundation_regression"].passed and not unfair["new_data_improvement"].passed
+
+
+def test_losses_in_different_units_are_never_compared() -> None:
+    assert PARENT.loss_unit == LOSS_UNIT == "nats/byte"
+    old = {k: v for k, v in PARENT.to_dict().items() if k != "loss_unit"}  # a record written per token
+    assert SuiteMetrics.from_dict(old).loss_unit == PER_TOKEN_LOSS_UNIT == "nats/token"
+    results = by_name(evaluate_gates(candidate(), SuiteMetrics.from_dict(old), CONFIG))
+    for name in ("new_data_improvement", "experience_regression[exp1]", "foundation_regression"):
+        assert not results[name].passed and results[name].value is None and results[name].margin is None, name
+        assert "nats/byte" in results[name].reason and "nats/token" in results[name].reason, name
+    assert results["params_ratio"].passed  # only losses carry a unit
+    # a drift reference recorded per token fails the drift gate alone
+    gen0 = SuiteMetrics(new_data_loss=math.nan, params=0, foundation_probe_loss=1.5, loss_unit=PER_TOKEN_LOSS_UNIT)
+    drift = by_name(evaluate_gates(candidate(), PARENT, CONFIG, foundation=gen0))
+    assert not drift["foundation_drift"].passed and "run the cycle's evaluate step again" in drift["foundation_drift"].reason
+    assert drift["foundation_regression"].passed
