@@ -7,10 +7,10 @@ watches and stops it (``start_heal`` returns one) and ``jobs.read_result``/``rea
 The working directory holds ``job.json`` (student and teacher directories, ``out_dir``, the cut, the
 ``[pruning]`` and ``[train]`` settings), ``train.jsonl``/``replay.jsonl``/``rehearsal.jsonl`` (the rows),
 ``kept_ids.json`` (optional, see below); it gets ``progress.jsonl`` (one line per step: step, loss = the KL,
-lr, tokens, tokens_per_s, step_s), ``checkpoint/state.pt`` (trained weights, optimizer, step; written every
-``train.checkpoint_every`` steps and on SIGTERM, after which the worker exits with ``jobs.EXIT_STOPPED``;
-rerunning resumes bit-for-bit, the batches and learning rate being functions of the seed and the step),
-then the healed model in ``out_dir`` and ``result.json``, or ``failed.json``.
+lr, tokens, tokens_per_s, step_s), ``checkpoint/state.pt`` (``learners.checkpoint``: trained weights,
+optimizer, RNG, step; written every ``train.checkpoint_every`` steps and on SIGTERM, after which the worker
+exits with ``jobs.EXIT_STOPPED``; rerunning resumes bit-for-bit, the batches and learning rate being functions
+of the seed and the step), then the healed model in ``out_dir`` and ``result.json``, or ``failed.json``.
 
 What it optimises, and why:
 - **Loss**: KL(teacher || student) of the next-token distribution, no cross-entropy term: the teacher's
@@ -42,17 +42,14 @@ What it optimises, and why:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +63,7 @@ from selftune.policies.pruning import PruningConfig, heal_layers, heal_learning_
 from selftune.policies.replay import plan_batches
 from selftune.policies.training import TrainConfig, from_dict, to_dict
 
-from . import jobs
+from . import checkpoint, jobs
 from .data import EncodedDataset, encode_rows, pad_collate, read_rows
 from .lm import autocast, decoder, fast_bf16, load_base, load_tokenizer, pick_device, set_threads
 from .merge import NonFiniteWeightsError
@@ -290,13 +287,14 @@ def run_heal(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: F
         p.data = p.data.float()
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=job.pruning.heal_learning_rate, weight_decay=0.0)
-    fingerprint = _fingerprint(workdir)
+    fingerprint = checkpoint.fingerprint(workdir, (jobs.JOB_FILE, jobs.TRAIN_FILE, jobs.REPLAY_FILE,
+                                                   jobs.REHEARSAL_FILE, KEPT_IDS_FILE))
     history: list[dict[str, Any]] = []
-    start_step = _resume(workdir, fingerprint, params, optimizer, history)
+    start_step = checkpoint.resume(workdir, fingerprint, params, optimizer, history, kind="heal job")
     collate, dataset = pad_collate(tokenizer.pad_token_id), EncodedDataset(items)
 
     def save(step: int) -> None:
-        _save_checkpoint(workdir, step, steps, params, optimizer, history, fingerprint)
+        checkpoint.save(workdir, step, steps, params, optimizer, history, fingerprint)
 
     # ---- heal
     for step in range(start_step, steps):
@@ -327,7 +325,7 @@ def run_heal(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: F
                         "sequences": len(plan[step].new), "step_s": round(seconds, 4),
                         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None})
         if (step + 1) % cfg.progress_every == 0 or step + 1 == steps:
-            _append_progress(workdir, history[-1])
+            checkpoint.append_progress(workdir, history[-1])
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save(step + 1)
     if steps > start_step and not (cfg.checkpoint_every and steps % cfg.checkpoint_every == 0):
@@ -403,78 +401,16 @@ def _save_healed(job: HealJob, trained: dict[str, torch.Tensor], out: Path) -> N
     os.replace(tmp, out)
 
 
-def _fingerprint(workdir: Path) -> str:
-    """What a checkpoint must match to be resumed: the job and its data files, byte for byte."""
-    digest = hashlib.sha256()
-    for name in (jobs.JOB_FILE, jobs.TRAIN_FILE, jobs.REPLAY_FILE, jobs.REHEARSAL_FILE, KEPT_IDS_FILE):
-        path = workdir / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
-    return digest.hexdigest()
-
-
-def _resume(workdir: Path, fingerprint: str, params: list, optimizer: torch.optim.Optimizer, history: list) -> int:
-    path = workdir / jobs.CHECKPOINT_DIR / "state.pt"
-    progress = workdir / jobs.PROGRESS_FILE
-    if not path.exists():
-        progress.unlink(missing_ok=True)
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{path} belongs to another heal job (job.json or its data changed since it was written); "
-                         f"delete {path.parent} to start this heal from scratch")
-    with torch.no_grad():
-        for name, p in params:
-            p.copy_(state["weights"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    history.extend(json.loads(state["history"]))
-    step = int(state["step"])
-    kept = [json.dumps(line) for line in jobs.read_progress(workdir) if line["step"] <= step]
-    jobs.atomic_write_text(progress, "".join(k + "\n" for k in kept))
-    return step
-
-
-def _save_checkpoint(workdir: Path, step: int, steps: int, params: list, optimizer: torch.optim.Optimizer,
-                     history: list, fingerprint: str) -> None:
-    directory = workdir / jobs.CHECKPOINT_DIR
-    directory.mkdir(exist_ok=True)
-    state = {"step": step, "weights": {n: p.detach().cpu().clone() for n, p in params},
-             "optimizer": optimizer.state_dict(), "history": json.dumps(history), "fingerprint": fingerprint}
-    tmp = directory / "state.pt.tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / "state.pt")
-    jobs.atomic_write_json(directory / "state.json", {"step": step, "steps": steps})
-
-
-def _append_progress(workdir: Path, record: dict[str, Any]) -> None:
-    with open(workdir / jobs.PROGRESS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m selftune.learners.heal WORKDIR", file=sys.stderr)
-        return 2
-    workdir = Path(args[0])
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
-    try:
-        result = run_heal(workdir, stop_requested=lambda: stop["requested"])
-    except HealStopped as stopped:
-        print(str(stopped), file=sys.stderr)
-        return jobs.EXIT_STOPPED
-    except BaseException as error:  # recorded for the daemon, then a failing exit
-        failure = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        if isinstance(error, NonFiniteWeightsError):
-            failure.update(non_finite_layer=error.layer, non_finite_detail=getattr(error, "detail", str(error)))
-        jobs.atomic_write_json(workdir / jobs.FAILED_FILE, failure)
-        traceback.print_exc()
-        return 1
-    print(json.dumps({k: result[k] for k in ("steps", "loss_first", "loss_last", "tokens_per_s")}))
-    return 0
+    return jobs.worker_main(argv, "selftune.learners.heal", run_heal, stopped=lambda: HealStopped,
+                            summary=("steps", "loss_first", "loss_last", "tokens_per_s"), failure=_failure_fields)
+
+
+def _failure_fields(error: BaseException) -> dict[str, Any]:
+    """``failed.json``'s fields from which ``heal_failure`` rebuilds a ``NonFiniteWeightsError``."""
+    if isinstance(error, NonFiniteWeightsError):
+        return {"non_finite_layer": error.layer, "non_finite_detail": getattr(error, "detail", str(error))}
+    return {}
 
 
 if __name__ == "__main__":

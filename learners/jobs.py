@@ -13,19 +13,19 @@ A working directory holds:
   foundation rehearsal).
 * ``progress.jsonl`` (out): one line per step (step, loss, ewc_penalty, tokens, tokens_per_s, lr, ...).
 * ``checkpoint/state.pt`` (out): adapter, optimizer, RNG, step, written atomically every
-  ``checkpoint_every`` steps and on SIGTERM. Rerunning the command resumes from it.
+  ``checkpoint_every`` steps and on SIGTERM (``learners.checkpoint``). Rerunning the command resumes from it.
 * ``adapter/``, ``fisher.safetensors``, ``result.json`` (out, at the end); ``failed.json`` if it failed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,21 +137,6 @@ def read_job(workdir: str | Path) -> Job:
     return job
 
 
-def job_fingerprint(workdir: str | Path) -> str:
-    """What a checkpoint must match to be resumed: the job and its data files, byte for byte."""
-    workdir = Path(workdir)
-    job = read_job(workdir)
-    digest = hashlib.sha256()
-    for name in (JOB_FILE, job.train_file, job.replay_file, job.rehearsal_file):
-        path = workdir / name
-        digest.update(name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.exists() else b"")
-    if job.fisher_in and Path(job.fisher_in).exists():
-        stat = Path(job.fisher_in).stat()
-        digest.update(f"{job.fisher_in}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
 def read_progress(workdir: str | Path) -> list[dict[str, Any]]:
     """The progress lines written so far (a line being written is skipped)."""
     path = Path(workdir) / PROGRESS_FILE
@@ -241,6 +226,42 @@ def start_training(workdir: str | Path, *, python: str | None = None, env: dict[
     finally:
         log.close()
     return TrainingRun(workdir, process)
+
+
+def worker_main(
+    argv: list[str] | None,
+    module: str,
+    run: Callable[[Path, Callable[[], bool]], dict[str, Any]],
+    *,
+    stopped: Callable[[], type[BaseException]],
+    summary: Sequence[str],
+    failure: Callable[[BaseException], dict[str, Any]] = lambda error: {},
+) -> int:
+    """The command line of a worker, ``python -m MODULE WORKDIR``: ``run(workdir, stop_requested)``, where
+    SIGTERM sets ``stop_requested``; ``run`` then checkpoints and raises the exception class ``stopped()``
+    returns (called once the handler is in place, so it may import slow modules): exit ``EXIT_STOPPED``. Any
+    other error goes to ``failed.json`` (plus ``failure(error)``'s fields) and exits 1; success prints the
+    ``summary`` keys of the result."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: python -m {module} WORKDIR", file=sys.stderr)
+        return 2
+    workdir = Path(args[0])
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    stop_error = stopped()
+    try:
+        result = run(workdir, lambda: stop["requested"])
+    except stop_error as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_STOPPED
+    except BaseException as error:  # recorded for the daemon, then a failing exit
+        doc = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(), **failure(error)}
+        atomic_write_json(workdir / FAILED_FILE, doc)
+        traceback.print_exc()
+        return 1
+    print(json.dumps({k: result[k] for k in summary}))
+    return 0
 
 
 def _row(row: dict[str, Any] | Interaction, experience: int) -> dict[str, Any]:

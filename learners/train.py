@@ -8,13 +8,10 @@ machine and thread count, because batches, learning rate and RNG are all functio
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +20,7 @@ import torch
 from selftune.policies.replay import fisher_sample
 from selftune.policies.training import EwcConfig, TrainConfig
 
-from . import jobs
+from . import checkpoint, jobs
 from .data import encode_rows, read_rows
 from .fisher import EwcPenalty, estimate_fisher, fold_fisher, load_fisher, save_fisher
 from .lm import attach_lora, load_base, load_tokenizer, pick_device, set_threads, trainable_parameters
@@ -91,13 +88,14 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         anchor = "rehearsal"
     penalty = EwcPenalty(model, fisher_in, ewc_cfg.strength) if fisher_in is not None and ewc_cfg.enabled else None
 
-    fingerprint = jobs.job_fingerprint(workdir)
+    fingerprint = checkpoint.fingerprint(workdir, (jobs.JOB_FILE, job.train_file, job.replay_file, job.rehearsal_file),
+                                         stamped=[job.fisher_in] if job.fisher_in else [])
     history: list[dict[str, Any]] = []
-    start_step = _resume(workdir, fingerprint, params, optimizer, history)
+    start_step = checkpoint.resume(workdir, fingerprint, params, optimizer, history)
     stop_if_requested()
 
     def save(strategy: CausalLMStrategy) -> None:
-        _save_checkpoint(workdir, strategy.step, cfg.steps, params, optimizer, history, fingerprint)
+        checkpoint.save(workdir, strategy.step, cfg.steps, params, optimizer, history, fingerprint)
 
     plugins: list[Any] = [
         ProgressPlugin(workdir / jobs.PROGRESS_FILE, cfg.progress_every, history),
@@ -192,57 +190,6 @@ def _fisher(model: Any, items: list[Any], cfg: TrainConfig, ewc_cfg: EwcConfig, 
                            bf16=cfg.bf16_autocast)
 
 
-def _resume(workdir: Path, fingerprint: str, params: list, optimizer: torch.optim.Optimizer, history: list) -> int:
-    """Load the checkpoint if there is one for this very job; returns the step to continue from."""
-    path = workdir / jobs.CHECKPOINT_DIR / "state.pt"
-    progress = workdir / jobs.PROGRESS_FILE
-    if not path.exists():
-        progress.unlink(missing_ok=True)
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path} belongs to another job (job.json or its data changed since it was written); "
-            f"delete {path.parent} to start this job from scratch"
-        )
-    with torch.no_grad():
-        for name, p in params:
-            p.copy_(state["adapter"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if torch.cuda.is_available() and state.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    history.extend(json.loads(state["history"]))
-    step = int(state["step"])
-    # progress lines written after the checkpoint by the interrupted run will be written again
-    kept = [json.dumps(line) for line in jobs.read_progress(workdir) if line["step"] <= step]
-    jobs.atomic_write_text(progress, "".join(k + "\n" for k in kept))
-    return step
-
-
-def _save_checkpoint(
-    workdir: Path, step: int, steps: int, params: list, optimizer: torch.optim.Optimizer, history: list, fingerprint: str
-) -> None:
-    directory = workdir / jobs.CHECKPOINT_DIR
-    directory.mkdir(exist_ok=True)
-    state = {
-        "step": step,
-        "adapter": {name: p.detach().cpu().clone() for name, p in params},
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "history": json.dumps(history),
-        "fingerprint": fingerprint,
-    }
-    tmp = directory / "state.pt.tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / "state.pt")
-    jobs.atomic_write_json(directory / "state.json", {"step": step, "steps": steps})
-
-
 def _save_adapter(model: Any, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -264,33 +211,13 @@ def _median(values: list[float]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m selftune.learners.train WORKDIR", file=sys.stderr)
-        return 2
-    workdir = Path(args[0])
-    stop = {"requested": False}
+    def stopped() -> type[BaseException]:
+        from .strategy import Stopped  # Avalanche: only once the SIGTERM handler is in place (see run_job)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        stop["requested"] = True
+        return Stopped
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    from .strategy import Stopped  # Avalanche: only once the handler is in place (see run_job)
-
-    try:
-        result = run_job(workdir, stop_requested=lambda: stop["requested"])
-    except Stopped as stopped:
-        print(str(stopped), file=sys.stderr)
-        return jobs.EXIT_STOPPED
-    except BaseException as error:  # recorded for the daemon, then re-raised as a failing exit
-        jobs.atomic_write_json(
-            workdir / jobs.FAILED_FILE,
-            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
-        )
-        traceback.print_exc()
-        return 1
-    print(json.dumps({k: result[k] for k in ("steps", "loss_last", "tokens_per_s")}))
-    return 0
+    return jobs.worker_main(argv, "selftune.learners.train", run_job, stopped=stopped,
+                            summary=("steps", "loss_last", "tokens_per_s"))
 
 
 if __name__ == "__main__":

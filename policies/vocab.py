@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SECTION = "trim_vocab"
 """Prefix of the configuration messages (the TOML section that holds ``VocabTrimConfig``)."""
@@ -198,18 +199,7 @@ def plan_vocabulary(
     return VocabPlan(len(vocab), tuple(sorted(reason_of)), counts, kept_merges, len(merges))
 
 
-def tokens_to_keep(
-    vocab: Mapping[str, int],
-    merges: Sequence[Merge],
-    *,
-    special_ids: Collection[int],
-    byte_alphabet_ids: Collection[int],
-    traffic_counts: Mapping[int, int],
-    general_counts: Mapping[int, int],
-    config: VocabTrimConfig,
-    template_ids: Collection[int] = (),
-) -> frozenset[int]:
-    """The kept ids of ``plan_vocabulary`` (the parent's ids), closed under the merges."""
-    return frozenset(plan_vocabulary(
-        vocab, merges, special_ids=special_ids, byte_alphabet_ids=byte_alphabet_ids, traffic_counts=traffic_counts,
-        general_counts=general_counts, config=config, template_ids=template_ids).kept_ids)
+def tokens_to_keep(vocab: Mapping[str, int], merges: Sequence[Merge], **inputs: Any) -> frozenset[int]:
+    """The kept ids of ``plan_vocabulary(vocab, merges, **inputs)`` (the parent's ids), closed under the merges;
+    ``inputs`` are its keyword arguments (``special_ids``, ``byte_alphabet_ids``, ..., ``config``)."""
+    return frozenset(plan_vocabulary(vocab, merges, **inputs).kept_ids)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selftune.learners import jobs
+from selftune.learners import checkpoint, jobs
 from selftune.learners.replay import farthest_first
 from selftune.learners.strategy import Stopped
 from selftune.learners.train import run_job
@@ -218,3 +218,39 @@ def test_a_changed_job_does_not_resume_a_stale_checkpoint(tmp_path: Path, tiny_m
     jobs.write_job(work, base_model=tiny_model_dir, train_rows=ROWS[:5], train=FAST, **off)
     with pytest.raises(ValueError, match="belongs to another job"):
         run_job(work)
+
+
+def test_checkpoint_round_trip_restores_tensors_optimizer_rng_history_and_progress(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    fisher = tmp_path / "fisher.safetensors"
+    fisher.write_bytes(b"f")
+    names = (jobs.JOB_FILE, "data.jsonl")
+    fingerprint = checkpoint.fingerprint(tmp_path, names, stamped=[fisher])
+    assert fingerprint == checkpoint.fingerprint(tmp_path, names, stamped=[fisher])
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    history = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    for record in history:
+        checkpoint.append_progress(tmp_path, record)
+    checkpoint.save(tmp_path, 2, 3, [("w", weight)], optimizer, history[:2], fingerprint)
+    rng = torch.get_rng_state()
+    torch.rand(5)  # moves the RNG on: resume puts it back
+
+    fresh = torch.nn.Parameter(torch.zeros(3))
+    fresh_optimizer = torch.optim.AdamW([fresh], lr=0.1)
+    restored: list[dict] = []
+    assert checkpoint.resume(tmp_path, fingerprint, [("w", fresh)], fresh_optimizer, restored) == 2
+    assert torch.equal(fresh.detach(), weight.detach()) and restored == history[:2]
+    moments = [o.state_dict()["state"][0]["exp_avg"] for o in (optimizer, fresh_optimizer)]
+    assert torch.equal(*moments)
+    assert torch.equal(torch.get_rng_state(), rng) and jobs.read_progress(tmp_path) == history[:2]
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text()) == {"step": 2, "steps": 3}
+
+    (tmp_path / "data.jsonl").write_text("{}\n{}\n")  # the job's data changed: its checkpoint is stale
+    changed = checkpoint.fingerprint(tmp_path, names, stamped=[fisher])
+    with pytest.raises(ValueError, match=r"belongs to another heal job .*delete .*checkpoint to start this heal job"):
+        checkpoint.resume(tmp_path, changed, [("w", fresh)], fresh_optimizer, [], kind="heal job")
+    fisher.write_bytes(b"ff")  # a stamped file counts by size and mtime
+    assert checkpoint.fingerprint(tmp_path, names, stamped=[fisher]) != changed
