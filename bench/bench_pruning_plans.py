@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--held-out", type=int, default=48, help="python_docs rows held out (the file's last rows)")
     p.add_argument("--specialist", metavar="DOMAIN", help="measure stepwise dropping and the heals on DOMAIN instead")
-    p.add_argument("--budget", type=float, default=0.02, help="specialist: max_prune_cost of the drop")
+    p.add_argument("--budget", type=float, default=0.02, help="specialist: max_drop_cost of the drop")
     p.add_argument("--check-rows", type=int, default=32, help="specialist: held-out rows the drop checks its loss on")
     p.add_argument("--report-rows", type=int, default=64, help="specialist: held-out rows the losses are reported on")
     p.add_argument("--score-samples", type=int, default=32, help="specialist: traffic rows that score the layers")
@@ -128,7 +128,7 @@ def specialist(args: argparse.Namespace) -> None:
         console.print(f"{name}: {facts[name]}", style="dim")
 
     measure("foundation", model)
-    config = PruningConfig(**{**SPECIALIST_PRUNING.__dict__, "max_prune_cost": args.budget,
+    config = PruningConfig(**{**SPECIALIST_PRUNING.__dict__, "max_drop_cost": args.budget,
                               "score_samples": args.score_samples, "heal_steps": args.heal_steps})
     started = time.perf_counter()
     _, report = prune_model(model, [(r["prompt"], r["response"]) for r in train], config, tokenizer,

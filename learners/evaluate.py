@@ -103,6 +103,11 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or Inf, or None: a broken model is named, not scored."""
+    return next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
 # ---- likelihood ----------------------------------------------------------------------------------
 
 

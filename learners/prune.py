@@ -9,7 +9,7 @@ Two measurements on that traffic, one policy decision (``selftune.policies.pruni
 
 Layers go all at once (``layer_dropping = "fraction"``, one scoring) or stepwise (``"stepwise"``): remove
 the least influential removable layer, measure the specialty's held-out loss, undo the removal and stop if
-it passed ``max_prune_cost`` above the unpruned model's, else re-score on the traffic and go on, until the
+it passed ``max_drop_cost`` above the unpruned model's, else re-score on the traffic and go on, until the
 size target or the layer cap stops it. Every step is recorded for the report. Trial removals only swap the
 model's layer list (no copy); the chosen plan is then cut once, channels included, by ``apply_plan``.
 The result is an ordinary transformers model: ``save_pretrained`` then ``from_pretrained`` in any process.
@@ -235,8 +235,12 @@ def drop_layers_stepwise(
     pad: int,
     batch_size: int = 4,
     autocast: bool = True,
+    params_reference: int | None = None,
 ) -> dict[str, Any]:
     """Remove layers one at a time as ``PruningConfig.layer_dropping = "stepwise"`` says; returns the facts.
+
+    ``target_params_ratio`` is measured against ``params_reference`` (default: this model's parameters), so
+    that a model whose vocabulary was trimmed before stops at its size target against the untrimmed one.
 
     The model comes back whole (every layer in place): the caller cuts ``kept_layers`` with ``apply_plan``.
     Facts: ``kept_layers``, ``loss_unpruned``, ``loss_after`` (of the last kept state), ``stopped`` (why),
@@ -250,7 +254,7 @@ def drop_layers_stepwise(
     config_lists = {key: getattr(model.config, key) for key in PER_LAYER_CONFIG_KEYS
                     if isinstance(getattr(model.config, key, None), (list, tuple))
                     and len(getattr(model.config, key)) == n}
-    params_unpruned = parameter_count(model)
+    params_unpruned = params_reference or parameter_count(model)
     unpruned_loss = float(loss_fn(model))
     if not math.isfinite(unpruned_loss):
         raise ValueError(f"the unpruned model's held-out loss is {unpruned_loss}: the model or the rows are broken")
@@ -268,7 +272,7 @@ def drop_layers_stepwise(
             trial = [i for i in kept if i != choice.layer]
             use_layers(model, originals, trial, config_lists)
             loss = float(loss_fn(model))
-            within = within_prune_budget(loss, unpruned_loss, config.max_prune_cost)
+            within = within_prune_budget(loss, unpruned_loss, config.max_drop_cost)
             steps.append({
                 "layer": choice.layer, "influence": influence[kept.index(choice.layer)],
                 "influence_of_remaining": dict(zip(kept, influence)), "loss": loss,
@@ -278,7 +282,7 @@ def drop_layers_stepwise(
             if not within:
                 use_layers(model, originals, kept, config_lists)
                 stopped = (f"removing layer {choice.layer} raised the held-out loss to {loss:.4f}, more than "
-                           f"max_prune_cost = {config.max_prune_cost:g} above the unpruned {unpruned_loss:.4f}: undone")
+                           f"max_drop_cost = {config.max_drop_cost:g} above the unpruned {unpruned_loss:.4f}: undone")
                 break
             kept, loss_now = trial, loss
             scores = score_model(model, sequences, pad, batch_size, autocast)  # re-scored without that layer
@@ -308,6 +312,7 @@ def prune_model(
     batch_size: int = 4,
     autocast: bool = True,
     loss_fn: LossFn | None = None,
+    params_reference: int | None = None,
 ) -> tuple[PruningPlan, dict[str, Any]]:
     """Score on traffic, ask the policy for a plan, apply it in place; returns the plan and a report.
 
@@ -325,7 +330,8 @@ def prune_model(
         if loss_fn is None:
             raise ValueError('pruning.layer_dropping = "stepwise" checks the specialty\'s loss between removals: '
                              "pass loss_fn (or held-out rows to prune_directory)")
-        stepwise = drop_layers_stepwise(model, sequences, loss_fn, config, pad, batch_size, autocast)
+        stepwise = drop_layers_stepwise(model, sequences, loss_fn, config, pad, batch_size, autocast,
+                                        params_reference)
         scores = stepwise["first_scores"]
         channel_scores, layer_scores = _channel_scores_by_layer(stepwise), scores.layer_scores()
         plan = plan_for_layers(channel_scores, stepwise["kept_layers"], config,
@@ -362,7 +368,7 @@ def prune_model(
         width_cut = plan.intermediate_size_after < plan.intermediate_size_before
         loss_after = float(loss_fn(model)) if width_cut else stepwise["loss_after"]  # type: ignore[misc]
         report.update(
-            max_prune_cost=config.max_prune_cost,
+            max_drop_cost=config.max_drop_cost,
             loss_unpruned=stepwise["loss_unpruned"],
             loss_after=loss_after,
             loss_ratio=loss_after / stepwise["loss_unpruned"] if stepwise["loss_unpruned"] else math.inf,
@@ -395,6 +401,7 @@ def prune_directory(
     *,
     held_out: Sequence[Row] = (),
     held_out_max_length: int = 512,
+    params_reference: int | None = None,
 ) -> dict[str, Any]:
     """Load a merged model, prune it on traffic, save it (with its tokenizer) to ``out_dir``.
 
@@ -407,7 +414,7 @@ def prune_directory(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stepwise = config.enabled and config.layer_dropping == "stepwise"
     loss_fn = held_out_loss_fn(tokenizer, held_out, held_out_max_length) if stepwise else None
-    _, report = prune_model(model, traffic, config, tokenizer, loss_fn=loss_fn)
+    _, report = prune_model(model, traffic, config, tokenizer, loss_fn=loss_fn, params_reference=params_reference)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

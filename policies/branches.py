@@ -42,15 +42,22 @@ SPECIALIST_DEFAULTS: dict[str, Any] = {
     "pruning.layer_dropping": "stepwise",
     "pruning.layer_fraction": 0.5,
     "pruning.mlp_channel_fraction": 0.0,
+    "pruning.max_drop_cost": 0.08,
+    "pruning.target_params_ratio": 0.8,
+    "trim_vocab.enabled": True,
     "gates.max_foundation_regression": 0.5,
     "gates.max_foundation_drift": 1.0,
 }
 """What a specialist changes of the global configuration unless its table or its own settings say otherwise.
 
-- It prunes (a specialist is smaller because it drops what its specialty does not use): stepwise layer dropping
-  (one layer at a time, up to half of them, while its specialty's held-out loss stays within
-  ``pruning.max_prune_cost`` of the unpruned candidate's), MLP channel pruning off (width pruning of a small, heavily trained model does not recover on a CPU-sized
-  heal: ``bench/bench_pruning_plans.py`` measured +206% foundation loss after a 100-step heal).
+- It prunes (a specialist is smaller because it drops what its specialty does not use): first the vocabulary
+  its traffic and general text do not use (``trim_vocab``; SmolLM2-135M spends 21% of its parameters on a
+  49,152-token embedding), then stepwise layer dropping (one layer at a time, up to half of them, stopping at
+  80% of the unpruned size or once its specialty's held-out loss would rise by more than
+  ``pruning.max_drop_cost`` = 8% before the heal), judged after the heal by ``gates.max_prune_cost`` (2%
+  above the unpruned candidate), MLP channel pruning off (width pruning of a small, heavily trained model
+  does not recover on a CPU-sized heal: ``bench/bench_pruning_plans.py`` measured +206% foundation loss
+  after a 100-step heal). Its earlier experiences outside its scope are measured, not gated.
 - Its foundation probe is measured and reported, and blocks only a model the surgery broke: the probe loss
   may rise by up to half of its parent's (``max_foundation_regression`` 0.5, against the generalist's 5%)
   and up to twice generation 0's over the lineage (``max_foundation_drift`` 1.0, else the generalist's 25%

@@ -41,17 +41,21 @@ class GateConfig:
     """Candidate parameters / parent parameters may be at most this (below 1.0 demands pruning)."""
     min_decode_speed_ratio: float = 0.8
     """Candidate decode tokens/s / parent decode tokens/s must be at least this (timing noise needs slack)."""
+    max_prune_cost: float = 0.02
+    """A pruned candidate's held-out loss on the new data may be at most this share above the unpruned
+    candidate's it was cut from (after the heal): what the smaller size may cost its specialty."""
 
     def problems(self) -> list[str]:
         out = []
         for name in ("min_new_data_improvement", "max_experience_regression", "max_foundation_regression",
-                     "max_foundation_drift", "min_golden_pass_rate", "max_params_ratio", "min_decode_speed_ratio"):
+                     "max_foundation_drift", "min_golden_pass_rate", "max_params_ratio", "min_decode_speed_ratio",
+                     "max_prune_cost"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 out.append(f"gates.{name} = {value}: use a finite number")
         if self.min_new_data_improvement >= 1.0:
             out.append(f"gates.min_new_data_improvement = {self.min_new_data_improvement}: use a share below 1")
-        for name in ("max_experience_regression", "max_foundation_regression", "max_foundation_drift"):
+        for name in ("max_experience_regression", "max_foundation_regression", "max_foundation_drift", "max_prune_cost"):
             if getattr(self, name) < 0.0:
                 out.append(f"gates.{name} = {getattr(self, name)}: use 0 (no regression allowed) or more")
         if not 0.0 <= self.min_golden_pass_rate <= 1.0:
@@ -158,11 +162,15 @@ def evaluate_gates(
     parent: SuiteMetrics,
     config: GateConfig,
     foundation: SuiteMetrics | None = None,
+    unpruned: SuiteMetrics | None = None,
+    scope: Sequence[str] | None = None,
 ) -> list[GateResult]:
     """Every gate for a candidate against its parent (and generation 0, for the cumulative drift gate).
 
     The loss gates compare relative changes of losses in nats per byte, so a candidate whose tokenizer cuts
-    the same text into fewer, longer tokens is judged on the text, not on its token count.
+    the same text into fewer, longer tokens is judged on the text, not on its token count. ``unpruned``: the
+    candidate before pruning, which the pruned one may trail by ``max_prune_cost`` at most. ``scope``: a
+    specialist's domains; its earlier experiences outside them are measured and recorded, not gated.
     """
     units = (candidate.loss_unit, parent.loss_unit)
     results = [
@@ -172,11 +180,19 @@ def evaluate_gates(
         )
     ]
     for name in sorted(set(parent.experience_losses) | set(candidate.experience_losses)):
+        result = _relative_regression_gate(
+            f"experience_regression[{name}]", candidate.experience_losses.get(name),
+            parent.experience_losses.get(name), config.max_experience_regression,
+            f"held-out loss on earlier experience {name!r}", units,
+        )
+        if scope is not None and name not in scope:
+            result = _not_gated(result, f"outside the branch's scope ({', '.join(scope)}): measured, not gated")
+        results.append(result)
+    if unpruned is not None:
         results.append(
             _relative_regression_gate(
-                f"experience_regression[{name}]", candidate.experience_losses.get(name),
-                parent.experience_losses.get(name), config.max_experience_regression,
-                f"held-out loss on earlier experience {name!r}", units,
+                "prune_cost", candidate.new_data_loss, unpruned.new_data_loss, config.max_prune_cost,
+                "held-out loss on the new data vs the unpruned candidate", (candidate.loss_unit, unpruned.loss_unit),
             )
         )
     if candidate.foundation_probe_loss is not None or parent.foundation_probe_loss is not None:
@@ -254,6 +270,11 @@ def _relative_regression_gate(
         name, margin >= 0, value, maximum, margin,
         f"{what} {parent:.4f} -> {candidate:.4f} {units[0]}: {value:+.2%}, {verdict} the allowed {maximum:.2%} regression",
     )
+
+
+def _not_gated(result: GateResult, why: str) -> GateResult:
+    """The measurement kept (value, threshold, margin), the verdict not counted against the candidate."""
+    return GateResult(result.name, True, result.value, result.threshold, result.margin, f"{result.reason} ({why})")
 
 
 def _golden_gate(candidate: SuiteMetrics, minimum: float) -> GateResult:

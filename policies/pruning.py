@@ -59,13 +59,14 @@ class PruningConfig:
     layer_dropping: str = "fraction"
     """How layers are chosen: "fraction" removes ``layer_fraction`` of them at once, scored once; "stepwise"
     removes the least influential one, re-scores on the traffic, checks the specialty's held-out loss, and
-    goes on until ``max_prune_cost``, ``target_params_ratio``, ``layer_fraction`` or ``min_layers`` stops it
+    goes on until ``max_drop_cost``, ``target_params_ratio``, ``layer_fraction`` or ``min_layers`` stops it
     (it needs held-out rows)."""
-    max_prune_cost: float = 0.02
-    """Stepwise dropping: the specialty's held-out loss may end at most this share above the unpruned model's
-    (0.02 = 2%); the removal that would pass it is undone and dropping stops there. Checked before the heal:
-    on SmolLM2-135M (hacker_jargon, from generation 0) the least influential layer alone costs +2.8%, so 2%
-    drops nothing there; 8% dropped layers 14, 13, 17 (+7.3%)."""
+    max_drop_cost: float = 0.02
+    """Stepwise dropping: the specialty's held-out loss may end at most this share above the model's before the
+    first removal (0.02 = 2%); the removal that would pass it is undone and dropping stops there. Checked
+    before the heal, which wins some of it back; what the finished candidate may cost against the unpruned one
+    is the gate ``gates.max_prune_cost``. On SmolLM2-135M (hacker_jargon, from generation 0) the least
+    influential layer alone costs +2.8%, so 2% drops nothing there; 8% dropped layers 14, 13, 17 (+7.3%)."""
     target_params_ratio: float = 0.0
     """Stepwise dropping stops once parameters / the unpruned model's are at most this (0: no size target)."""
     min_layers: int = 2
@@ -115,8 +116,8 @@ class PruningConfig:
             out.append(f"pruning.score_max_tokens = {self.score_max_tokens}: use 2 or more")
         if self.layer_dropping not in LAYER_DROPPING:
             out.append(f"pruning.layer_dropping = {self.layer_dropping!r}: use one of {', '.join(LAYER_DROPPING)}")
-        if not (math.isfinite(self.max_prune_cost) and self.max_prune_cost >= 0.0):
-            out.append(f"pruning.max_prune_cost = {self.max_prune_cost}: use 0 (no loss allowed) or a share, e.g. 0.02")
+        if not (math.isfinite(self.max_drop_cost) and self.max_drop_cost >= 0.0):
+            out.append(f"pruning.max_drop_cost = {self.max_drop_cost}: use 0 (no loss allowed) or a share, e.g. 0.02")
         if not 0.0 <= self.target_params_ratio < 1.0:
             out.append(f"pruning.target_params_ratio = {self.target_params_ratio}: use 0 (no size target) or a "
                        "ratio below 1, e.g. 0.8")
@@ -302,15 +303,15 @@ def next_layer_to_drop(
     return LayerDropChoice(layer, f"layer {layer} has the least block influence ({score:.4g}) of the removable ones")
 
 
-def within_prune_budget(loss: float, unpruned_loss: float, max_prune_cost: float) -> bool:
-    """Whether a pruned model's held-out loss is at most ``max_prune_cost`` (a share) above the unpruned one's.
+def within_prune_budget(loss: float, unpruned_loss: float, max_cost: float) -> bool:
+    """Whether a pruned model's held-out loss is at most ``max_cost`` (a share) above the unpruned one's.
 
     A non-finite loss never is. The comparison is relative, so per-token and per-byte losses give the same
     answer as long as both models read the same tokens (layer dropping does not change the vocabulary).
     """
     if not (math.isfinite(loss) and math.isfinite(unpruned_loss)):
         return False
-    return loss <= unpruned_loss + abs(unpruned_loss) * max_prune_cost
+    return loss <= unpruned_loss + abs(unpruned_loss) * max_cost
 
 
 # ---- the heal ------------------------------------------------------------------------------------

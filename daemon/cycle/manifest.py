@@ -54,6 +54,8 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
         "fisher": {"carried": carries_fisher(work), "representation": trained.get("fisher_representation"),
                    "seconds": trained.get("fisher_seconds")},
         "metrics": {"candidate": candidate, "parent": {k: v for k, v in suites["parent"].items() if k != "samples"},
+                    # the candidate before pruning (new data, size, speed), when it was pruned
+                    **({"unpruned": suites["unpruned"]} if "unpruned" in suites else {}),
                     "cutoff": data["cutoff"], "experiences": experiences},
         "gates": verdict["gates"],
         "decision": {"action": verdict["action"], "reason": verdict["reason"]},

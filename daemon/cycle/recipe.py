@@ -14,32 +14,33 @@ import os
 import shutil
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 # torch, transformers and peft load at import: only the worker process imports this module, and it evaluates.
-from selftune.learners import evaluate as ev
+from selftune.learners import heal as distill
 from selftune.learners import jobs
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
-from selftune.policies.errors import NotFoundError
-from selftune.policies.gates import (
-    LOSS_UNIT, PER_TOKEN_LOSS_UNIT, GateResult, SuiteMetrics, evaluate_gates, promotion_decision,
-)
-from selftune.policies.records import CHALLENGER, Cycle, Interaction, Message
+from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_vocabulary
+from selftune.policies.gates import GateResult, evaluate_gates, promotion_decision
+from selftune.policies.records import CHALLENGER, Cycle
 from selftune.policies.selection import golden_prompts, select_training_data
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps
 from selftune.daemon.cycle.manifest import carries_fisher, generation_manifest
-from selftune.daemon.cycle.probes import foundation_probe, foundation_probe_loss, foundation_rehearsal
+from selftune.daemon.cycle.probes import foundation_probe, foundation_rehearsal
+from selftune.daemon.cycle.rows import (
+    conversations, count_by_domain, interaction_row, messages, prompt_and_answer, row,
+)
+from selftune.daemon.cycle.suites import experience_rows, finite_weights_gate, foundation_suite, measure, suite_metrics
 from selftune.daemon.cycle.workdir import (
     EVALUATE_RESULT, GATE_RESULT, GENERATION_ID_FILE, HEAL_DIR, HEAL_RESULT, HEALED_DIR, INTERMEDIATES,
     MERGE_RESULT, MERGED_DIR, PROGRESS_FILE, PRUNE_RESULT, PRUNED_DIR, REHEARSAL_RESULT, REPLAY_RESULT,
-    SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, TRAINER_PID_FILE, Work, cycle_dir,
+    SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, TRAINER_PID_FILE, TRIMMED_DIR, Work, cycle_dir,
 )
 from selftune.daemon.lineage import make_champion
 from selftune.daemon.reports.render import write_reports
@@ -49,8 +50,9 @@ CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
 STEPS = (FIRST_STEP, "replay", "train", "merge", "prune", "heal", "evaluate", "gate", "package", "promote")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-"""The candidate's transformers files a generation holds (with the trainer's adapter and Fisher, same names)."""
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", KEPT_IDS_FILE)
+"""The candidate's transformers files a generation holds (with the trainer's adapter and Fisher, same names);
+a trimmed vocabulary's record of the parent ids it kept too."""
 
 
 class Cancelled(BaseException):
@@ -80,15 +82,16 @@ def select(work: Work) -> dict[str, Any]:
     selection = select_training_data(interactions, feedback, config.selection)
     golden = golden_prompts(interactions, feedback)
     newest = max((i.id for i in interactions), default=cutoff)
+    train = [row(r.interaction_id, r.messages, r.domain) for r in selection.train]
     result = {
         "proceed": selection.decision.proceed,
         "reason": selection.decision.reason,
         "cutoff": {**work.parent.metrics.get("cutoff", {}), work.cycle.branch: newest},
         "counts": {**selection.counts(), "interactions": len(interactions)},
-        "domains": _count_by(row.domain for row in selection.train),
-        "train": [_row(r.interaction_id, r.messages, r.domain) for r in selection.train],
-        "held_out": [_row(r.interaction_id, r.messages, r.domain) for r in selection.held_out],
-        "golden": [{"id": g.interaction_id, "messages": _messages(g.context), "expected": g.expected,
+        "domains": count_by_domain(train),
+        "train": train,
+        "held_out": [row(r.interaction_id, r.messages, r.domain) for r in selection.held_out],
+        "golden": [{"id": g.interaction_id, "messages": messages(g.context), "expected": g.expected,
                     "rejected": list(g.rejected)} for g in golden],
     }
     work.write(SELECT_RESULT, result)
@@ -99,7 +102,7 @@ def replay(work: Work) -> dict[str, Any]:
     """The replay pool: the branch's buffer of earlier training rows, and the foundation's rehearsal rows."""
     with work.context.store.transaction() as tx:
         members = tx.replay.members(work.cycle.branch)
-        rows = [{**_interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
+        rows = [{**interaction_row(tx.interactions.get(m.interaction_id)), "experience": m.experience,
                  "priority": m.priority} for m in members]
     rehearsal = foundation_rehearsal(work.context, work.config.replay.rehearsal)
     work.write(REPLAY_RESULT, rows)
@@ -123,9 +126,11 @@ def train(work: Work) -> dict[str, Any]:
     return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
 
 
-def _run_training(work: Work, workdir: Path, total_steps: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Start (or resume) the job in ``workdir`` as a child process and watch it to the end."""
-    run = jobs.start_training(workdir)
+def _run_training(work: Work, workdir: Path, total_steps: int,
+                  start: Callable[[Path], jobs.TrainingRun] = jobs.start_training) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Start (or resume) the job in ``workdir`` as a child process (a training job, or what ``start`` starts:
+    the heal) and watch it to the end. A job whose weights went non-finite rejects the candidate."""
+    run = start(workdir)
     work.path(TRAINER_PID_FILE).write_text(str(run.pid))
     try:
         while run.poll() is None:
@@ -136,8 +141,11 @@ def _run_training(work: Work, workdir: Path, total_steps: int) -> tuple[dict[str
         raise
     result = run.result()
     if run.poll() != 0 or result is None:
-        failure = run.failure() or {"error": f"training exited with status {run.poll()}; see {workdir / jobs.LOG_FILE}"}
-        raise RuntimeError(f"training failed: {failure.get('error', failure)}")
+        failure = distill.heal_failure(workdir)
+        if isinstance(failure, NonFiniteWeightsError):
+            raise Rejected(GateResult("finite_weights", False, None, None, None, f"{workdir.name}: {failure}")) from failure
+        detail = (run.failure() or {}).get("error") or f"exited with status {run.poll()}; see {workdir / jobs.LOG_FILE}"
+        raise RuntimeError(f"{workdir.name} job failed: {detail}")
     curves = {key: [p.get(key) for p in run.progress()] for key in ("step", "loss", "ewc_penalty", "tokens_per_s", "lr", "replayed", "sequences")}
     return result, curves
 
@@ -176,87 +184,118 @@ def merge(work: Work) -> dict[str, Any]:
 
 
 def prune(work: Work) -> dict[str, Any]:
-    """Structured pruning of the merged model, planned on this cycle's own traffic (if enabled)."""
-    config = work.config.pruning
-    if not config.enabled:
+    """Make the merged model smaller (if enabled): the vocabulary its traffic does not use, then the layers that
+    matter least to it, stepwise within the branch's loss budget on its held-out rows, or a fixed fraction."""
+    config = work.config
+    if not config.pruning.enabled:
         return {"enabled": False}
     data = work.read(SELECT_RESULT)
-    traffic = [(row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in data["train"]]
+    source, vocab = work.path(MERGED_DIR), {"enabled": False}
+    unpruned_params = work.read(MERGE_RESULT)["params"]
+    if config.trim_vocab.enabled:
+        shutil.rmtree(work.path(TRIMMED_DIR), ignore_errors=True)
+        # What the specialty reads and writes (new rows, replay, rehearsal: never the held-out rows, which
+        # test it), and general prose, whose most frequent tokens stay so that ordinary text reads in words.
+        traffic = [*data["train"], *work.read(REPLAY_RESULT), *work.read(REHEARSAL_RESULT)]
+        vocab = trim_vocabulary(source, work.path(TRIMMED_DIR), traffic, foundation_probe(work.context), config.trim_vocab)
+        source = work.path(TRIMMED_DIR)
     shutil.rmtree(work.path(PRUNED_DIR), ignore_errors=True)
     # Stepwise layer dropping checks the specialty's held-out loss between removals, cut as evaluation cuts it.
-    report = prune_directory(work.path(MERGED_DIR), work.path(PRUNED_DIR), traffic, config,
-                             held_out=_pairs(data["held_out"]), held_out_max_length=work.config.train.max_length)
+    report = prune_directory(source, work.path(PRUNED_DIR), prompt_and_answer(data["train"]), config.pruning,
+                             held_out=conversations(data["held_out"]), held_out_max_length=config.train.max_length,
+                             params_reference=unpruned_params)
+    if (source / KEPT_IDS_FILE).exists():
+        shutil.copy2(source / KEPT_IDS_FILE, work.path(PRUNED_DIR) / KEPT_IDS_FILE)
+    # the step's before and after are the unpruned candidate's and the final ones, vocabulary included
+    report.update(params_before=unpruned_params, params_ratio=report["params_after"] / unpruned_params, vocab=vocab)
     work.write(PRUNE_RESULT, report)
-    return {k: report.get(k) for k in ("params_before", "params_after", "layers_removed")}
+    return {"params_before": unpruned_params, "params_after": report["params_after"],
+            "vocab_size_after": vocab.get("vocab_size_after"), "layers_removed": report["layers_removed"]}
 
 
 def heal(work: Work) -> dict[str, Any]:
-    """A short LoRA pass on the pruned model (new rows and the same replay pool, no EWC), merged in."""
+    """Train the pruned model back (``pruning.heal_kind``): a short LoRA pass on the new rows and the replay
+    pool (no EWC), merged in; or a distillation towards the unpruned candidate, full weights next to the cuts."""
     config = work.config
     if not (config.pruning.enabled and config.pruning.heal_steps):
         return {"enabled": False}
     pruned = work.read(PRUNE_RESULT)
-    if pruned["params_after"] == pruned["params_before"]:  # nothing was cut: nothing to heal, the pruned model is it
-        facts = {"enabled": False, "reason": "pruning removed nothing"}
+    skip = _why_no_heal(pruned, config.pruning.heal_kind)
+    if skip:  # the pruned model is the candidate as it is
+        facts = {"enabled": False, "kind": config.pruning.heal_kind, "reason": skip}
         work.write(HEAL_RESULT, facts)
         return facts
     workdir = work.path(HEAL_DIR)
+    rows = {"train_rows": work.read(SELECT_RESULT)["train"], "replay_rows": work.read(REPLAY_RESULT),
+            "rehearsal_rows": work.read(REHEARSAL_RESULT)}
     _stop_orphan_training(work)
-    if not (workdir / jobs.JOB_FILE).exists():
-        jobs.write_job(workdir, base_model=work.path(PRUNED_DIR), train_rows=work.read(SELECT_RESULT)["train"],
-                       replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
-                       experience=work.cycle.id, train=replace(config.train, steps=config.pruning.heal_steps),
-                       replay=config.replay, ewc=replace(config.ewc, strength=0.0, fisher_examples=0))
-    result, curves = _run_training(work, workdir, config.pruning.heal_steps)
     shutil.rmtree(work.path(HEALED_DIR), ignore_errors=True)
-    try:
-        merge_adapter(work.path(PRUNED_DIR), workdir / jobs.ADAPTER_DIR, work.path(HEALED_DIR))
-    except NonFiniteWeightsError as exc:
-        raise Rejected(GateResult("finite_weights", False, None, None, None, f"heal: {exc}")) from exc
-    facts = {"enabled": True, **{k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s")},
+    if config.pruning.heal_kind == "distill":
+        if not (workdir / jobs.JOB_FILE).exists():
+            distill.write_heal_job(workdir, student=work.path(PRUNED_DIR), teacher=work.path(MERGED_DIR),
+                                   prune_report=pruned, pruning=config.pruning, train=config.train,
+                                   kept_ids=load_kept_ids(work.path(PRUNED_DIR)), out_dir=work.path(HEALED_DIR), **rows)
+        result, curves = _run_training(work, workdir, config.pruning.heal_steps, start=distill.start_heal)
+        if (work.path(PRUNED_DIR) / KEPT_IDS_FILE).exists():
+            shutil.copy2(work.path(PRUNED_DIR) / KEPT_IDS_FILE, work.path(HEALED_DIR) / KEPT_IDS_FILE)
+    else:
+        if not (workdir / jobs.JOB_FILE).exists():
+            jobs.write_job(workdir, base_model=work.path(PRUNED_DIR), experience=work.cycle.id,
+                           train=replace(config.train, steps=config.pruning.heal_steps), replay=config.replay,
+                           ewc=replace(config.ewc, strength=0.0, fisher_examples=0), **rows)
+        result, curves = _run_training(work, workdir, config.pruning.heal_steps)
+        try:
+            merge_adapter(work.path(PRUNED_DIR), workdir / jobs.ADAPTER_DIR, work.path(HEALED_DIR))
+        except NonFiniteWeightsError as exc:
+            raise Rejected(GateResult("finite_weights", False, None, None, None, f"heal: {exc}")) from exc
+    facts = {"enabled": True, "kind": config.pruning.heal_kind,
+             **{k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s")},
              "curves": curves}
     work.write(HEAL_RESULT, facts)
     return {k: v for k, v in facts.items() if k != "curves"}
 
 
-def evaluate(work: Work) -> dict[str, Any]:
-    """The same suites on the candidate and its parent: new data, earlier experiences, foundation, golden, speed.
+def _why_no_heal(pruned: dict[str, Any], kind: str) -> str:
+    """Why the pruned model needs no heal ('' if it does)."""
+    if pruned["params_after"] == pruned["params_before"]:
+        return "pruning removed nothing"
+    if kind == "distill" and not pruned["layers_removed"] and pruned["intermediate_size_after"] == pruned["intermediate_size_before"]:
+        return "the distillation heal trains the layers next to a cut, and no layer was cut (only the vocabulary)"
+    return ""
 
-    Losses are in nats per byte of the answers (``loss_unit``), each model with its own tokenizer, so a
-    candidate with a trimmed vocabulary is measured on its parent's scale; the per-token figures sit beside
-    them under ``*_per_token`` keys, for reading, not for the gates.
-    """
+
+def evaluate(work: Work) -> dict[str, Any]:
+    """The same suites on the candidate and its parent (``suites.measure``): new data, earlier experiences,
+    foundation, golden, size, speed; and, when it was pruned, the new data, size and speed of the unpruned
+    candidate it was cut from, which the prune-cost gate compares it with."""
     data = work.read(SELECT_RESULT)
-    limit = work.config.cycle.max_eval_rows
-    experiences = _experience_rows(work, limit)
-    probe = foundation_probe(work.context)
-    suites = {}
-    length = work.config.train.max_length  # held-out rows are cut where training cuts them: same tokens
-    for name, directory in (("parent", work.parent_dir), ("candidate", work.candidate_dir)):
-        model, tokenizer = ev.load_model(directory)
-        golden = [(g["messages"], [g["expected"], *g["rejected"]], 0) for g in data["golden"] if g["rejected"]]
-        new_data = ev.held_out_loss(model, tokenizer, _pairs(data["held_out"][:limit]), max_length=length)
-        earlier = {domain: ev.held_out_loss(model, tokenizer, _pairs(rows), max_length=length)
-                   for domain, rows in experiences.items() if rows}
-        foundation = ev.held_out_loss(model, tokenizer, probe) if probe else None
-        suites[name] = {
-            **_loss_suite(new_data, earlier, foundation),
-            "golden_pass_rate": ev.choice_accuracy(model, tokenizer, golden).accuracy if golden else None,
-            "golden_count": len(golden),
-            "params": ev.parameter_count(model),
-            "decode_tokens_per_s": ev.decode_tokens_per_second(model, tokenizer).tokens_per_s,
-            "samples": _samples(model, tokenizer, data["held_out"], work.config.cycle.sample_answers),
-        }
+    config = work.config
+    limit = config.cycle.max_eval_rows
+    common = {"held_out": data["held_out"][:limit], "max_length": config.train.max_length}
+    full = {"earlier": experience_rows(work, limit), "probe": foundation_probe(work.context),
+            "golden": data["golden"], "samples": config.cycle.sample_answers}
+    candidate = measure(work.candidate_dir, **common, **full)
+    broken = finite_weights_gate(candidate)  # e.g. a heal that diverged: no generation is made of it
+    if broken:
+        raise Rejected(broken)
+    suites = {"parent": measure(work.parent_dir, **common, **full), "candidate": candidate}
+    if config.pruning.enabled and work.candidate_dir != work.path(MERGED_DIR):
+        suites["unpruned"] = measure(work.path(MERGED_DIR), **common)
     work.write(EVALUATE_RESULT, suites)
     return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
 
 
 def gate(work: Work) -> dict[str, Any]:
-    """The gates on the two suites (and the foundation's, for drift), and what to do with the candidate."""
+    """The gates on the suites (and the foundation's, for drift), and what to do with the candidate.
+
+    A specialist's earlier experiences outside its scope are measured, not gated; a pruned candidate also
+    faces the prune-cost gate against its unpruned self."""
     suites = work.read(EVALUATE_RESULT)
     config = work.config
-    results = evaluate_gates(_suite(suites["candidate"]), _suite(suites["parent"]), config.gates,
-                             foundation=_foundation_suite(work))
+    unpruned = suites.get("unpruned")
+    results = evaluate_gates(suite_metrics(suites["candidate"]), suite_metrics(suites["parent"]), config.gates,
+                             foundation=foundation_suite(work), unpruned=suite_metrics(unpruned) if unpruned else None,
+                             scope=work.branch["domains"] if work.branch["specialist"] else None)
     decision = promotion_decision(results, config.cycle.auto_promote)
     verdict = {"action": decision.action, "status": decision.status, "reason": decision.reason,
                "gates": [r.to_dict() for r in results]}
@@ -386,70 +425,3 @@ def _reserved_generation_id(work: Work) -> int:
     generation_id = max([*used, *work.context.artifacts.ids()]) + 1
     work.write(GENERATION_ID_FILE, generation_id)
     return generation_id
-
-
-def _experience_rows(work: Work, limit: int) -> dict[str, list[dict[str, Any]]]:
-    """Held-out rows of every earlier experience along the lineage, by domain."""
-    earlier = work.parent.metrics.get("experiences", {})
-    out = {}
-    with work.context.store.transaction() as tx:
-        for domain, ids in earlier.items():
-            rows = []
-            for interaction_id in ids[:limit]:
-                try:
-                    rows.append(_interaction_row(tx.interactions.get(interaction_id)))
-                except NotFoundError:
-                    continue
-            out[domain] = rows
-    return out
-
-
-def _foundation_suite(work: Work) -> SuiteMetrics:
-    """Generation 0's loss on its own probe answers (nats per byte), for the cumulative drift gate."""
-    return SuiteMetrics(new_data_loss=float("nan"), params=0, foundation_probe_loss=foundation_probe_loss(work.context))
-
-
-def _loss_suite(new_data: ev.LossResult, earlier: dict[str, ev.LossResult],
-                foundation: ev.LossResult | None) -> dict[str, Any]:
-    """One model's losses as the suites record them: per byte under the gates' keys, per token labelled beside."""
-    return {
-        "loss_unit": LOSS_UNIT,
-        "new_data_loss": new_data.loss,
-        "experience_losses": {domain: result.loss for domain, result in earlier.items()},
-        "foundation_probe_loss": foundation.loss if foundation else None,
-        "per_token_unit": PER_TOKEN_LOSS_UNIT,
-        "new_data_loss_per_token": new_data.loss_per_token,
-        "experience_losses_per_token": {domain: result.loss_per_token for domain, result in earlier.items()},
-        "foundation_probe_loss_per_token": foundation.loss_per_token if foundation else None,
-    }
-
-
-def _suite(values: dict[str, Any]) -> SuiteMetrics:
-    return SuiteMetrics.from_dict({k: v for k, v in values.items() if k != "samples"})
-
-
-def _samples(model: Any, tokenizer: Any, rows: list[dict[str, Any]], count: int) -> list[dict[str, str]]:
-    picked = rows[:count]
-    answers = ev.generate_answers(model, tokenizer, [r["messages"][-2]["content"] for r in picked], max_new_tokens=48)
-    return [{"prompt": r["messages"][-2]["content"], "reference": r["messages"][-1]["content"], "answer": a}
-            for r, a in zip(picked, answers)]
-
-
-def _pairs(rows: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
-    return [row["messages"] for row in rows]
-
-
-def _row(interaction_id: int, messages: tuple[Message, ...], domain: str | None) -> dict[str, Any]:
-    return {"id": interaction_id, "messages": _messages(messages), "domain": domain or "default"}
-
-
-def _interaction_row(interaction: Interaction) -> dict[str, Any]:
-    return _row(interaction.id, interaction.messages, interaction.domain)
-
-
-def _messages(messages: tuple[Message, ...]) -> list[dict[str, str]]:
-    return [asdict(m) for m in messages]
-
-
-def _count_by(values: Iterable[str | None]) -> dict[str, int]:
-    return dict(Counter(value or "default" for value in values))

@@ -56,6 +56,8 @@ HEAL_DIR = "heal"
 
 # Models between steps.
 MERGED_DIR = "merged"
+TRIMMED_DIR = "trimmed"
+"""The merged model with its vocabulary trimmed, before layers are dropped."""
 PRUNED_DIR = "pruned"
 HEALED_DIR = "healed"
 
@@ -65,7 +67,7 @@ WORKER_LOG_FILE = "worker.log"
 TRAINER_PID_FILE = "training.pid"
 """The trainer the worker started, so a restarted worker can stop one left running."""
 
-INTERMEDIATES = (MERGED_DIR, PRUNED_DIR, HEALED_DIR,
+INTERMEDIATES = (MERGED_DIR, TRIMMED_DIR, PRUNED_DIR, HEALED_DIR,
                  f"{TRAIN_DIR}/{jobs.CHECKPOINT_DIR}", f"{HEAL_DIR}/{jobs.CHECKPOINT_DIR}")
 """What a finished cycle's directory no longer needs (hundreds of MB each with the real model)."""
 

@@ -122,11 +122,11 @@ def test_a_pruned_generation_is_healed_smaller_and_loads_in_a_fresh_process(stat
     assert not (work / "pruned").exists() and not (work / "healed").exists() and (work / "heal.json").exists()
 
 
-def crash_at(state: Path, step: str) -> int:
+def crash_at(state: Path, step: str, env: dict[str, str] | None = None) -> int:
     """Start a cycle whose worker kills itself (SIGKILL) as ``step`` begins; wait until it is dead."""
     from selftune.daemon.cycle.control import worker_alive
 
-    started = json.loads(selftune(state, "cycle", "--json", env={"SELFTUNE_CRASH_AT": step}).stdout)
+    started = json.loads(selftune(state, "cycle", "--json", env={**(env or {}), "SELFTUNE_CRASH_AT": step}).stdout)
     context = Context.open(str(state))
     deadline = time.time() + 300
     while worker_alive(context, started["cycle"]) and time.time() < deadline:
@@ -179,11 +179,17 @@ def test_a_branch_specialises_without_touching_main(state: Path) -> None:
     assert result["status"] == "promoted", result
     generations = {g["id"]: g for g in json.loads(selftune(state, "generations", "--json").stdout)}
     assert generations[result["generation"]]["branch"] == "chem" and generations[result["generation"]]["parent"] == 1
-    # A specialist prunes by default, stepwise; the tiny model's two layers are both edge layers, so nothing goes,
-    # and a heal with nothing cut is skipped rather than run for nothing.
-    pruning = json.loads((state / "generations" / str(result["generation"]) / "generation.json").read_text())["pruning"]
+    # A specialist prunes by default: its vocabulary first, then layers stepwise (the tiny model's two layers
+    # are both edge layers, so none goes); the heal (LoRA) runs on what is left, and the prune-cost gate
+    # compares it with the unpruned candidate.
+    manifest = json.loads((state / "generations" / str(result["generation"]) / "generation.json").read_text())
+    pruning = manifest["pruning"]
     assert pruning["enabled"] and pruning["layer_dropping"] == "stepwise" and pruning["layers_removed"] == []
-    assert pruning["heal"] == {"enabled": False, "reason": "pruning removed nothing"}
+    assert pruning["vocab"]["enabled"] and pruning["vocab"]["vocab_size_after"] < pruning["vocab"]["vocab_size_before"]
+    assert manifest["params"] == pruning["params_after"] < pruning["params_before"] == manifest["metrics"]["unpruned"]["params"]
+    assert pruning["heal"]["enabled"] and pruning["heal"]["kind"] == "lora"
+    prune_cost = next(g for g in manifest["gates"] if g["name"] == "prune_cost")
+    assert prune_cost["threshold"] == 0.02 and prune_cost["passed"], prune_cost
     assert generations[1]["aliases"] == ["champion"]  # main's; chem's champion moved on
     tree = selftune(state, "generations", "--tree").stdout
     assert "chem" in tree and "main" in tree

@@ -233,7 +233,7 @@ def six_layer_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 STEPWISE = PruningConfig(enabled=True, layer_dropping="stepwise", mlp_channel_fraction=0.0, layer_fraction=0.9,
-                         min_layers=1, max_prune_cost=0.02)
+                         min_layers=1, max_drop_cost=0.02)
 
 
 def _layer_count_loss(calls: list[int]):
@@ -255,7 +255,7 @@ def test_stepwise_dropping_removes_one_inner_layer_at_a_time_rescoring_between(
                         real_score(model, *a, **k))
     model = AutoModelForCausalLM.from_pretrained(six_layer_dir).eval()
     calls: list[int] = []
-    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0})  # the budget never binds here
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_drop_cost": 1.0})  # the budget never binds here
     plan, report = prune_model(model, TRAFFIC, config, AutoTokenizer.from_pretrained(six_layer_dir), autocast=False,
                                loss_fn=_layer_count_loss(calls))
     assert calls == [6, 5, 4, 3, 2]  # unpruned, then after each single removal
@@ -283,7 +283,7 @@ def test_stepwise_dropping_stops_at_the_budget_and_undoes_the_removal_that_passe
     assert report["layers_after"] == 4 and len(report["layers_removed"]) == 2
     assert report["steps"][-1]["layer"] not in report["layers_removed"]
     assert report["loss_unpruned"] == 1.0 and report["loss_after"] == pytest.approx(1.02)
-    assert "max_prune_cost = 0.02" in report["stopped"] and "undone" in report["stopped"]
+    assert "max_drop_cost = 0.02" in report["stopped"] and "undone" in report["stopped"]
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
     # the cut model is the reference's kept layers, untouched
     from selftune.learners.prune import use_layers
@@ -298,12 +298,12 @@ def test_stepwise_dropping_stops_at_the_size_target(six_layer_dir: Path) -> None
     total = sum(p.numel() for p in model.parameters())
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     target = (total - 2.5 * per_layer) / total  # two removals are not enough, three are
-    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0, "target_params_ratio": target})
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_drop_cost": 1.0, "target_params_ratio": target})
     _, report = prune_model(model, TRAFFIC, config, AutoTokenizer.from_pretrained(six_layer_dir), autocast=False,
                             loss_fn=_layer_count_loss([]))
     assert len(report["layers_removed"]) == 3 and report["params_ratio"] <= target
     assert "size target reached" in report["stopped"]
-    capped = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 1.0, "layer_fraction": 0.34})
+    capped = PruningConfig(**{**STEPWISE.__dict__, "max_drop_cost": 1.0, "layer_fraction": 0.34})
     _, report = prune_model(AutoModelForCausalLM.from_pretrained(six_layer_dir).eval(), TRAFFIC, capped,
                             AutoTokenizer.from_pretrained(six_layer_dir), autocast=False, loss_fn=_layer_count_loss([]))
     assert len(report["layers_removed"]) == 2 and "layer_fraction = 0.34" in report["stopped"]
@@ -316,7 +316,7 @@ def test_stepwise_prune_directory_checks_held_out_rows_and_the_result_loads(six_
     from selftune.learners.evaluate import held_out_loss
 
     held_out = TRAFFIC[:3]
-    config = PruningConfig(**{**STEPWISE.__dict__, "max_prune_cost": 5.0, "layer_fraction": 0.5,
+    config = PruningConfig(**{**STEPWISE.__dict__, "max_drop_cost": 5.0, "layer_fraction": 0.5,
                               "mlp_channel_fraction": 0.25})
     report = prune_directory(six_layer_dir, tmp_path / "pruned", TRAFFIC, config, held_out=held_out)
     assert report["layers_after"] == 3 and report["intermediate_size_after"] == 96

@@ -177,3 +177,23 @@ def test_losses_in_different_units_are_never_compared() -> None:
     drift = by_name(evaluate_gates(candidate(), PARENT, CONFIG, foundation=gen0))
     assert not drift["foundation_drift"].passed and "run the cycle's evaluate step again" in drift["foundation_drift"].reason
     assert drift["foundation_regression"].passed
+
+
+def test_a_pruned_candidate_may_trail_its_unpruned_self_by_max_prune_cost_only() -> None:
+    config = GateConfig(max_prune_cost=0.02)
+    unpruned = candidate(new_data_loss=1.5)
+    within = by_name(evaluate_gates(candidate(new_data_loss=1.529), PARENT, config, unpruned=unpruned))["prune_cost"]
+    assert within.passed and within.threshold == 0.02 and within.margin == pytest.approx(0.02 - 0.029 / 1.5)
+    beyond = by_name(evaluate_gates(candidate(new_data_loss=1.54), PARENT, config, unpruned=unpruned))["prune_cost"]
+    assert not beyond.passed and beyond.value == pytest.approx(0.04 / 1.5) and "unpruned" in beyond.reason
+    assert "prune_cost" not in by_name(evaluate_gates(candidate(), PARENT, config))  # not pruned: not applicable
+
+
+def test_a_specialist_is_not_gated_on_experiences_outside_its_scope_but_they_are_recorded() -> None:
+    worse = candidate(experience_losses={"exp1": 1.5, "exp2": 3.5})  # both regress far past 5%
+    gates = by_name(evaluate_gates(worse, PARENT, CONFIG, scope=("exp2",)))
+    assert not gates["experience_regression[exp2]"].passed  # in scope: today's rule
+    outside = gates["experience_regression[exp1]"]
+    assert outside.passed and outside.value == pytest.approx(0.5) and outside.margin == pytest.approx(-0.45)
+    assert "outside the branch's scope" in outside.reason
+    assert not by_name(evaluate_gates(worse, PARENT, CONFIG))["experience_regression[exp1]"].passed  # generalist

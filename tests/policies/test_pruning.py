@@ -132,10 +132,10 @@ def test_heal_learning_rate_warms_up_then_decays_to_the_floor() -> None:
 def test_pruning_config_problems_name_the_bad_values() -> None:
     assert PruningConfig().problems() == [] and SPECIALIST_PRUNING.problems() == []
     assert SPECIALIST_PRUNING.mlp_channel_fraction == 0.0 and SPECIALIST_PRUNING.layer_dropping == "stepwise"
-    bad = PruningConfig(layer_dropping="greedy", max_prune_cost=-0.1, target_params_ratio=1.0, heal_kind="sft",
+    bad = PruningConfig(layer_dropping="greedy", max_drop_cost=-0.1, target_params_ratio=1.0, heal_kind="sft",
                         heal_learning_rate=0.0, heal_min_learning_rate=2.0, heal_warmup_steps=-1).problems()
     assert len(bad) == 8
-    for fragment in ("layer_dropping = 'greedy'", "max_prune_cost = -0.1", "target_params_ratio = 1.0",
+    for fragment in ("layer_dropping = 'greedy'", "max_drop_cost = -0.1", "target_params_ratio = 1.0",
                      "heal_kind = 'sft': use one of lora, distill", "heal_learning_rate = 0.0",
                      "heal_min_learning_rate = 2.0", "heal_warmup_steps = -1"):
         assert any(fragment in problem for problem in bad), fragment
