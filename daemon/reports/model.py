@@ -62,6 +62,8 @@ def build_report(generation_id: int, manifest: Mapping[str, Any], suites: Mappin
         "loss_unit_shown": loss_view(candidate, parent, None, None)["unit"],
         "samples": paired_samples(suites),
         "lineage": lineage_snippet(generation_id, manifest, lineage),
+        "branch_view": branch_view(manifest),
+        "pruning_view": pruning_view(manifest),
     })
 
 
@@ -93,11 +95,22 @@ def loss_view(candidate: Mapping[str, Any], parent: Mapping[str, Any], child_los
     units = {_unit_of(candidate), _unit_of(parent)}
     if len(units) > 1:
         return {"parent": None, "child": None, "unit": None}
-    scale = 1 / math.log(2) if units == {LOSS_UNIT} else 1.0
-    shown = BITS_PER_BYTE if units == {LOSS_UNIT} else PER_TOKEN
-    before, after = finite(parent_loss), finite(child_loss)
-    return {"parent": None if before is None else before * scale, "child": None if after is None else after * scale,
-            "unit": shown}
+    (unit,) = units
+    return {"parent": shown_loss(parent_loss, unit), "child": shown_loss(child_loss, unit), "unit": shown_unit(unit)}
+
+
+def shown_loss(loss: Any, unit: str) -> float | None:
+    """A loss recorded in ``unit`` as the pages show it: nats per byte (``LOSS_UNIT``) in bits per byte (divided
+    by ln 2), anything else (an old per-token record) as recorded; None if it is not a finite number."""
+    value = finite(loss)
+    if value is None:
+        return None
+    return value / math.log(2) if unit == LOSS_UNIT else value
+
+
+def shown_unit(unit: str) -> str:
+    """The unit ``shown_loss`` writes a loss recorded in ``unit`` in."""
+    return BITS_PER_BYTE if unit == LOSS_UNIT else PER_TOKEN
 
 
 def _unit_of(suite: Mapping[str, Any]) -> str:
@@ -166,6 +179,121 @@ def _loss_row(name: str, kind: str, candidate: Mapping[str, Any], parent: Mappin
             "delta": None if before is None or after is None else after - before, "relative": _relative(before, after),
             "per_token": _per_token(candidate, parent, pick(candidate, f"{key}_per_token"),
                                     pick(parent, f"{key}_per_token"))}
+
+
+def branch_view(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The branch's configuration as this cycle ran it (``manifest["branch_config"]``): its scope (its domains,
+    or every domain for a generalist), whether it is a specialist, and the settings that differ from the
+    defaults, in the order recorded. None for a manifest written before branches recorded it."""
+    config = manifest.get("branch_config")
+    if not isinstance(config, Mapping):
+        return None
+    domains = [str(d) for d in config.get("domains") or []]
+    settings = config.get("settings") or {}
+    return {"domains": domains, "specialist": bool(config.get("specialist")),
+            "scope": ", ".join(domains) if domains else "generalist: every domain",
+            "settings": [{"key": str(k), "value": v} for k, v in settings.items()]}
+
+
+PRUNING_COST = (("params", "parameters"), ("decode_tokens_per_s", "decode tokens/s"),
+                ("new_data_loss", "specialty held-out loss (new data)"),
+                ("foundation_probe_loss", "foundation probe loss"))
+"""What pruning cost, parent vs the merged candidate before pruning (``metrics["unpruned"]``) vs the pruned one."""
+
+
+def pruning_view(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What pruning removed (vocabulary, layers, MLP channels) and what it cost (size, speed, loss), with the
+    stepwise removals and the heal, from ``manifest["pruning"]`` (its ``vocab`` and ``heal``) and the parent's,
+    the unpruned and the pruned candidate's suites. Every key optional. None when nothing was pruned or trimmed.
+
+    Losses in the unit the pages show (``shown_loss``); the prune step measured its own in the unit of the
+    candidate's suites."""
+    pruning = manifest.get("pruning") or {}
+    vocab = pruning.get("vocab") or {}
+    if not (pruning.get("enabled") or vocab.get("enabled")):
+        return None
+    metrics = manifest.get("metrics") or {}
+    parent, unpruned, pruned = (metrics.get(k) or {} for k in ("parent", "unpruned", "candidate"))
+    heal = pruning.get("heal") or {}
+    cost = _cost_rows(parent, unpruned, pruned)
+    for row in cost:  # the merged candidate's size was recorded by the prune step before metrics["unpruned"] was
+        if row["key"] == "params" and row["unpruned"] is None:
+            row["unpruned"] = finite(vocab.get("parameters_before")) or finite(pruning.get("params_before"))
+            row["vs_unpruned"] = _relative(row["unpruned"], row["pruned"])
+    decode = {r["key"]: r for r in cost}.get("decode_tokens_per_s") or {}
+    return {
+        "layer_dropping": pruning.get("layer_dropping"),
+        "reason": pruning.get("reason"),
+        "vocab": _vocab_view(vocab) if vocab else None,
+        "layers": _layers_view(pruning),
+        "cost": cost,
+        "decode_ratio": decode.get("ratio"),
+        "stepwise": _stepwise_view(pruning, _unit_of(pruned)),
+        "heal": {k: heal.get(k) for k in ("enabled", "reason", "kind", "steps", "tokens", "loss_first", "loss_last")}
+        if heal else None,
+    }
+
+
+def _cost_rows(parent: Mapping[str, Any], unpruned: Mapping[str, Any],
+               pruned: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Parent, unpruned and pruned, each ``PRUNING_COST`` number that one of them has; losses shown per byte if
+    all three suites measured them per byte (else not comparable: None)."""
+    suites, rows = (parent, unpruned, pruned), []
+    for key, label in PRUNING_COST:
+        unit = None
+        values = [finite(s.get(key)) for s in suites]
+        if key in LOSSES:
+            units = {_unit_of(s) for s, v in zip(suites, values) if v is not None}
+            unit = shown_unit(units.pop()) if len(units) == 1 else None
+            values = [shown_loss(s.get(key), _unit_of(s)) if unit else None for s in suites]
+        before, middle, after = values
+        if before is None and middle is None and after is None:
+            continue
+        rows.append({"key": key, "label": label, "unit": unit, "parent": before, "unpruned": middle, "pruned": after,
+                     "vs_unpruned": _relative(middle, after), "vs_parent": _relative(before, after),
+                     "ratio": after / before if before and after is not None else None})
+    return rows
+
+
+def _vocab_view(vocab: Mapping[str, Any]) -> dict[str, Any]:
+    before, after = finite(vocab.get("vocab_size_before")), finite(vocab.get("vocab_size_after"))
+    params_before, params_after = finite(vocab.get("parameters_before")), finite(vocab.get("parameters_after"))
+    return {"enabled": bool(vocab.get("enabled")), "before": before, "after": after,
+            "relative": _relative(before, after),
+            "parameters_before": params_before, "parameters_after": params_after,
+            "parameters_relative": _relative(params_before, params_after),
+            "merges_before": finite(vocab.get("merges_before")), "merges_after": finite(vocab.get("merges_after")),
+            "kept_by_reason": [{"reason": str(k).replace("_", " "), "tokens": v}
+                               for k, v in (vocab.get("kept_by_reason") or {}).items()]}
+
+
+def _layers_view(pruning: Mapping[str, Any]) -> dict[str, Any] | None:
+    removed = list(pruning.get("layers_removed") or [])
+    before, after = finite(pruning.get("layers_before")), finite(pruning.get("layers_after"))
+    if before is None and after is None and not removed:
+        return None
+    width_before, width_after = pruning.get("intermediate_size_before"), pruning.get("intermediate_size_after")
+    return {"before": before, "after": after, "removed": removed, "params_before": finite(pruning.get("params_before")),
+            "params_after": finite(pruning.get("params_after")), "width_before": finite(width_before),
+            "width_after": finite(width_after),
+            "width_cut": finite(width_after) is not None and finite(width_before) is not None
+            and width_after < width_before}
+
+
+def _stepwise_view(pruning: Mapping[str, Any], unit: str) -> dict[str, Any] | None:
+    """Each tried removal's specialty loss (shown per byte), against the unpruned loss and the budget above it."""
+    unpruned = shown_loss(pruning.get("loss_unpruned"), unit)
+    steps = [{"layer": s.get("layer"), "influence": finite(s.get("influence")), "loss": shown_loss(s.get("loss"), unit),
+              "relative": _relative(unpruned, shown_loss(s.get("loss"), unit)), "params": finite(s.get("params")),
+              "layers_left": s.get("layers_left"), "kept": bool(s.get("kept"))}
+             for s in pruning.get("steps") or [] if isinstance(s, Mapping)]
+    if unpruned is None and not steps:
+        return None
+    cost = finite(pruning.get("max_drop_cost"))
+    after = shown_loss(pruning.get("loss_after"), unit)
+    return {"unit": shown_unit(unit), "unpruned": unpruned, "after": after, "relative": _relative(unpruned, after),
+            "max_cost": cost, "budget": None if unpruned is None or cost is None else unpruned + abs(unpruned) * cost,
+            "stopped": pruning.get("stopped"), "steps": steps}
 
 
 def paired_samples(suites: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -107,7 +107,7 @@ def templates() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.ChainableUndefined,
     )
     environment.filters.update(num=text.number, brief=text.brief, pct=text.percent, count=text.count,
-                               md=text.markdown_cell, clip=text.clip)
+                               md=text.markdown_cell, clip=text.clip, ratio=text.ratio)
     environment.globals.update(status_class=text.status_class, foundation_id=FOUNDATION_ID, files=REPORT_FILES,
                                model_card=MODEL_CARD)
     return environment

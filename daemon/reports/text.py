@@ -46,6 +46,23 @@ def percent(value: Any) -> str:
     return f"{share * 100:+.2g}%" if 0 < abs(share) < 0.0005 else f"{share:+.1%}"  # tiny: not "+0.0%"
 
 
+def ratio(value: Any) -> str:
+    """A ratio as a factor ("×1.31"), '-' when missing."""
+    factor = finite(value)
+    return "-" if factor is None else f"×{factor:.2f}"
+
+
+def compact(value: Any) -> str:
+    """A number short enough for a label inside a plot (134.5M, 28.3k, 41.25), '-' when missing."""
+    amount = finite(value)
+    if amount is None:
+        return "-"
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(amount) >= size:
+            return f"{amount / size:.1f}{suffix}"
+    return number(amount)
+
+
 def count(value: Any) -> str:
     """An integer with thousands separators; anything else as ``number`` writes it."""
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else number(value)

@@ -100,14 +100,15 @@ def written(tmp_path: Path) -> Path:
 def test_every_report_file_and_plot_is_written(written: Path) -> None:
     assert {p.name for p in written.iterdir()} == {"report.html", "report.md", "report.json", "README.md", "plots"}
     plots = {p.name: p.read_bytes() for p in (written / "plots").iterdir()}
-    assert set(plots) == {"curves.png", "forgetting.png", "data.png", "pruning.png"}
+    assert set(plots) == {"curves.png", "forgetting.png", "data.png", "pruning.png", "pruning_cost.png"}
     assert all(png.startswith(PNG_MAGIC) and len(png) > 5000 for png in plots.values())
 
 
 def test_the_html_report_is_one_self_contained_file_with_the_plots_inline(written: Path) -> None:
     html = (written / "report.html").read_text()
     inline = re.findall(r'<img class="plot" id="([\w-]+)"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert [name for name, _ in inline] == ["forgetting-heatmap", "training-curves", "data-plot", "pruning-plot"]
+    assert [name for name, _ in inline] == ["forgetting-heatmap", "training-curves", "data-plot", "pruning-cost-plot",
+                                            "pruning-plot"]
     assert base64.b64decode(inline[0][1]) == (written / "plots" / "forgetting.png").read_bytes()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|<link|<script""", html, re.I)
     assert "<style>" in html and ":root" in html
@@ -232,7 +233,8 @@ def test_the_markdown_report_summarises_for_a_terminal(written: Path) -> None:
     assert "- experience_regression[chemistry_elements]: rose 13.3%" in markdown
     assert "| experience: chemistry_elements | 1.95 | 2.21 | 0.26 | +13.3% | 5.25 | 6 |" in markdown
     assert "| training loss (nats/token) | 2.9 | 1.8 | 1.8 | 2.35 | 12 |" in markdown
-    assert "| parameters | 1,000 | 900 |" in markdown and "Layers removed: 1." in markdown
+    assert "| parameters | 1,000 | 1,000 | 900 | -10.0% | -10.0% |" in markdown  # unpruned: the prune step's count
+    assert "- layers: 2 -> 1; removed 1: 1\n- MLP channels per layer: 128 -> 96\n" in markdown
     assert "- filters applied: near duplicate (3 excluded)." in markdown
     assert ("- replay: a buffer of 6 rows of earlier experiences and 64 rehearsal rows (generation 0's own answers) "
             "beside 18 new rows; 12 of 48 training sequences "
