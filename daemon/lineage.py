@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from selftune.policies.branches import effective_config, parse_value, with_setting, without_setting
 from selftune.policies.config import BRANCH_NAME, Config
 from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
-from selftune.policies.records import CHALLENGER, CHAMPION, FOUNDATION_ID, MAIN_BRANCH, Branch, Generation, ReplayMember
+from selftune.policies.records import (
+    AUTO_MODEL, CHALLENGER, CHAMPION, FOUNDATION_ID, MAIN_BRANCH, Branch, Generation, ReplayMember,
+)
 from selftune.storage.contracts import UnitOfWork
 
 from selftune.daemon.context import Context
@@ -94,6 +96,8 @@ def create_branch(context: Context, name: str, from_generation: int, domains: Se
     the specialist defaults (``policies.branches``). A domain another branch has is refused, naming it."""
     if not BRANCH_NAME.match(name):
         raise InvalidRecordError(f"branch name {name!r}: use lowercase letters, digits, '-' and '_' (at most 63)")
+    if name == AUTO_MODEL:
+        raise InvalidRecordError(f"branch name {name!r} is the model name that routes each request: choose another")
     effective_config(context.config, name, domains)  # its [branches.NAME] table must hold for it as it will be
     with context.store.transaction(write=True) as tx:
         source = tx.generations.get(from_generation)

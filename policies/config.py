@@ -94,6 +94,9 @@ class ServerConfig:
     stop_timeout_seconds: float = 30.0
     """On SIGTERM: how long in-flight requests and the cycle's checkpoint may take before the service exits
     anyway. Keep it well below systemd's TimeoutStopSec (90 s in deploy/selftune.service)."""
+    max_pinned_generations: int = 2
+    """Generations kept loaded besides each branch's champion, for requests that pin one (``main@3``); the least
+    recently used is unloaded first. Each SmolLM2-135M generation holds about 0.5 GB."""
 
     def problems(self) -> list[str]:
         out = [] if 1 <= self.port <= 65535 else [f"server.port = {self.port}: use a port from 1 to 65535"]
@@ -104,6 +107,8 @@ class ServerConfig:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             out.append(f"server.default_max_tokens = {self.default_max_tokens}: use 1 to server.max_tokens_limit "
                        f"({self.max_tokens_limit})")
+        if self.max_pinned_generations < 0:
+            out.append(f"server.max_pinned_generations = {self.max_pinned_generations}: use 0 (champions only) or more")
         for name in ("champion_poll_seconds", "stop_timeout_seconds"):
             if not getattr(self, name) > 0:
                 out.append(f"server.{name} = {getattr(self, name)}: use a positive number of seconds")

@@ -22,6 +22,8 @@ FOUNDATION_ID = 0
 """Generation 0: the foundation, the root of every lineage."""
 MAIN_BRANCH = "main"
 """The generalist line that ``init`` creates."""
+AUTO_MODEL = "auto"
+"""The model name that routes each request to the smallest generation that can answer it (no branch has it)."""
 TokenScope = Literal["ingest", "admin"]
 TOKEN_SCOPES: tuple[str, ...] = ("ingest", "admin")
 

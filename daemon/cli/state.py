@@ -14,6 +14,7 @@ from rich.tree import Tree
 from selftune.daemon.cli.common import JsonOption, console, open_context
 from selftune.daemon.config import default_config_text
 from selftune.daemon.lineage import ensure_generation_zero
+from selftune.daemon.service.models import Models
 from selftune.daemon.views import generations_view, status_view
 
 
@@ -59,14 +60,19 @@ def generations(ctx: typer.Context, as_json: JsonOption = False,
         _print_generations(rows)
 
 
-def export(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")],
+def export(ctx: typer.Context,
+           name: Annotated[str, typer.Argument(
+               metavar="NAME", help="A generation id, or a model name as the API takes it: BRANCH (its champion), "
+                                    "BRANCH@champion, BRANCH@challenger or BRANCH@ID.")],
            directory: Annotated[Path, typer.Argument(help="New or empty directory to write the model to.")]) -> None:
     """Write a generation as a transformers model directory, with its generation.json beside the weights."""
     context = open_context(ctx)
-    with context.store.transaction() as tx:
-        tx.generations.get(generation)  # an unknown id fails here, naming it
-    out = context.artifacts.export(generation, directory)
-    console.print(f"exported generation {generation} to {out}")
+    models = Models(context)
+    target = models.generation(int(name)) if name.isascii() and name.isdigit() else models.pin(name)
+    out = context.artifacts.export(target.generation_id, directory)
+    named = "" if name == str(target.generation_id) else f" ({name})"
+    console.print(f"exported generation {target.generation_id}{named} of branch {target.branch} to {out}",
+                  highlight=False)
 
 
 def show_config(ctx: typer.Context,

@@ -29,12 +29,17 @@ class Problem(Exception):
     """An error answered as problem+json. ``errors`` are ``{"field", "message"}``, one per bad field."""
 
     def __init__(self, status: int, detail: str, errors: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = errors or []
         self.headers = headers or {}
+        self.code = code
+        """OpenAI's ``error.code`` where OpenAI has one (e.g. "model_not_found")."""
+        self.extra = extra or {}
+        """More members of the problem document (e.g. ``models``: the names that work)."""
 
 
 def invalid(field: str, message: str) -> Problem:
@@ -42,9 +47,10 @@ def invalid(field: str, message: str) -> Problem:
 
 
 def problem_response(status: int, detail: str, errors: list[dict[str, str]] | None = None,
-                     instance: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+                     instance: str | None = None, headers: dict[str, str] | None = None, code: str | None = None,
+                     extra: dict[str, Any] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
-                            "detail": detail}
+                            "detail": detail, **(extra or {})}
     if instance:
         body["instance"] = instance
     if errors:
@@ -52,12 +58,12 @@ def problem_response(status: int, detail: str, errors: list[dict[str, str]] | No
     # The same error in OpenAI's shape, so that OpenAI client libraries show its message.
     body["error"] = {"message": detail, "type": OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500
                                                                         else "invalid_request_error"),
-                     "param": errors[0]["field"] if errors else None, "code": None}
+                     "param": errors[0]["field"] if errors else None, "code": code}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 async def _problem(request: Request, exc: Problem) -> JSONResponse:
-    return problem_response(exc.status, exc.detail, exc.errors, request.url.path, exc.headers)
+    return problem_response(exc.status, exc.detail, exc.errors, request.url.path, exc.headers, exc.code, exc.extra)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -149,7 +149,9 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request. Parameters selftune does not use are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(description="A branch name (GET /v1/models lists them); its champion answers.")
+    model: str = Field(max_length=200, description="Who answers (GET /v1/models lists the names): a branch (its "
+                                                  "champion), `branch@champion`, `branch@challenger`, "
+                                                  "`branch@<generation id>`, or `auto` (the router chooses).")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -20,6 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 disable_created_metrics()  # the *_created series double the output and no dashboard of ours reads them
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUTING_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Routing is meant to take well under 10 ms: finer buckets there."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -48,6 +50,19 @@ class Metrics:
         self.generation_seconds = Histogram(
             "selftune_generation_duration_seconds", "Time a champion spent generating one completion.",
             ["branch"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.model_requests = Counter(
+            "selftune_model_requests_total", "Chat completions answered, by the branch and generation that answered "
+            "and how it was chosen (route: pinned, routed, deferred).", ["branch", "generation", "route"],
+            registry=registry)
+        self.deferrals = Counter(
+            "selftune_deferrals_total", "Routed requests passed up the lineage, by the branch that deferred and the "
+            "branch it deferred to.", ["branch", "to"], registry=registry)
+        self.routing_seconds = Histogram(
+            "selftune_routing_duration_seconds", 'Time the router took to choose who answers a "model": "auto" '
+            "request.", buckets=ROUTING_BUCKETS, registry=registry)
+        self.evictions = Counter(
+            "selftune_generations_evicted_total", "Generations other than champions unloaded as the least recently "
+            "used beyond server.max_pinned_generations.", registry=registry)
         self.champion = Gauge(
             "selftune_champion_generation_id", "Generation id of the champion loaded for serving, per branch.",
             ["branch"], registry=registry)

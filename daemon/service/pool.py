@@ -1,10 +1,12 @@
-"""Serving the champions: one loaded model per branch, the generation its ``champion`` alias names.
+"""Serving generations: each branch's champion, and generations pinned by name, loaded on demand.
 
-Every request asks the pool for its branch's champion; the pool reads the alias (one indexed
-query) and, if it moved since the model was loaded, loads the new generation first. So a newly
-promoted champion answers the very next request, without a restart; ``refresh`` does the same
-ahead of time from the service's housekeeping loop, so that request rarely pays for the load.
-A request that is already generating keeps the model it started with until it finishes.
+Every request names a model (``service.models`` resolves the name: a branch, an alias, a generation
+id, or "auto"); the pool reads the alias (one indexed query) and, if it moved since the model was
+loaded, loads the new generation first. So a newly promoted champion answers the very next request,
+without a restart; ``refresh`` does the same ahead of time from the service's housekeeping loop, so
+that request rarely pays for the load. A request that is already generating keeps the model it
+started with until it finishes. Memory stays bounded: one champion per branch asked for, and at most
+``max_pinned`` other generations, the least recently used unloaded first.
 
 Generation is blocking torch work: callers run it in a worker thread. One lock per loaded model
 serialises generation (on a small CPU, concurrent generate() calls only share the same cores).
@@ -16,17 +18,19 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selftune.learners.chat import end_token_ids, generation_prompt_ids, pad_id  # torch-free
-from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.errors import InvalidRecordError
 from selftune.policies.records import CHAMPION
 
 from selftune.daemon.context import Context
 from selftune.daemon.service.metrics import Metrics
+from selftune.daemon.service.models import Models, Router, Target
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,13 @@ class Completion:
     seconds: float
 
 
-class Champion:
-    """One generation loaded for serving."""
+class LoadedGeneration:
+    """One generation loaded for serving (a branch's champion, or a generation pinned by name)."""
 
-    def __init__(self, branch: str, generation_id: int, directory: Path) -> None:
+    def __init__(self, generation_id: int, directory: Path) -> None:
         from selftune.learners.evaluate import load_model  # torch: only where a model is served
 
         started = time.perf_counter()
-        self.branch = branch
         self.generation_id = generation_id
         self.directory = directory
         self.model, self.tokenizer = load_model(directory)
@@ -180,79 +183,131 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class ChampionPool:
-    """The loaded champion of each branch that has been asked for (and of the default branch)."""
+    """The loaded generations: each branch's champion once a request asked for it (and the default
+    branch's, preloaded), and other generations pinned by name, loaded on demand: at most
+    ``max_pinned`` of those, the least recently used unloaded first. A champion the alias moved away
+    from becomes such an other generation (a rollback or a pin to it is served at once, while it stays).
+    ``models`` resolves the names; its ``router`` is where the cascade's router is wired in."""
 
-    def __init__(self, context: Context, metrics: Metrics | None = None, threads: int = 0) -> None:
+    def __init__(self, context: Context, metrics: Metrics | None = None, threads: int = 0,
+                 router: Router | None = None, max_pinned: int | None = None) -> None:
         self.context = context
         self.metrics = metrics
         self.threads = threads
-        self._loaded: dict[str, Champion] = {}
-        self._load_locks: dict[str, threading.Lock] = {}
+        self.models = Models(context, router, metrics)
+        self.max_pinned = context.config.server.max_pinned_generations if max_pinned is None else max_pinned
+        self._loaded: OrderedDict[int, LoadedGeneration] = OrderedDict()
+        """Generation id -> its loaded model, least recently used first."""
+        self._champions: dict[str, int] = {}
+        """Branch -> the generation last served as its champion."""
+        self._load_locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def champion_id(self, branch: str) -> int:
-        """The generation the branch's champion alias names now; ``NotFoundError`` naming the fix if none."""
-        with self.context.store.transaction() as tx:
-            alias = tx.aliases.get(branch, CHAMPION)
-            if alias is None:
-                known = [b.name for b in tx.branches.list()]
-        if alias is None:
-            raise NotFoundError(f"model {branch!r} has no champion to answer: known branches are "
-                                f"{', '.join(known) or 'none (run `selftune init`)'}")
-        return alias.generation_id
+    def serve(self, name: str, messages: Sequence[dict[str, str]] = ()) -> tuple[Target, LoadedGeneration]:
+        """The generation that answers the model ``name`` (``"auto"`` routes ``messages``), loaded
+        (blocking: call in a thread). ``ModelNotFoundError`` names the bad part of a name and what exists."""
+        target = self.models.resolve(name, messages)
+        return target, self.load(target)
 
-    def get(self, branch: str) -> Champion:
+    def get(self, branch: str) -> LoadedGeneration:
         """The branch's current champion, loading it first if the alias moved (blocking: call in a thread)."""
-        wanted = self.champion_id(branch)
-        current = self._loaded.get(branch)
-        if current is not None and current.generation_id == wanted:
-            return current
-        with self._branch_lock(branch):
-            current = self._loaded.get(branch)
-            if current is not None and current.generation_id == wanted:
-                return current
-            return self._load(branch, wanted)
+        return self.load(self.models.pin(branch))
 
-    def current(self, branch: str) -> Champion | None:
-        """What is loaded for the branch now (it may lag a promotion by a refresh); never loads."""
-        return self._loaded.get(branch)
+    def load(self, target: Target) -> LoadedGeneration:
+        """The target's generation, from memory or loaded now; a champion is remembered as its branch's
+        (once it is loaded: until then the one before serves ``current``)."""
+        generation_id = target.generation_id
+        with self._guard:
+            found = self._touch(generation_id)
+        if found is None:
+            with self._generation_lock(generation_id):
+                with self._guard:
+                    found = self._touch(generation_id)
+                if found is None:
+                    found = self._load(generation_id)
+                    if target.alias == CHAMPION and self.metrics is not None:
+                        self.metrics.champion_load_seconds.labels(target.branch).set(found.load_seconds)
+        with self._guard:  # one step: a generation just loaded is never evicted before it counts as a champion
+            self._loaded[generation_id] = found
+            self._loaded.move_to_end(generation_id)
+            before = self._champions.get(target.branch)
+            if target.alias == CHAMPION:
+                self._champions[target.branch] = generation_id
+            self._evict()
+        if target.alias == CHAMPION and before != generation_id:
+            log.info("generation %s serves as the champion of branch %s (before: %s)", generation_id,
+                     target.branch, before)
+            if self.metrics is not None:
+                self.metrics.champion.labels(target.branch).set(generation_id)
+        return found
+
+    def current(self, branch: str) -> LoadedGeneration | None:
+        """The branch's champion if it is loaded (it may lag a promotion by a refresh); never loads."""
+        with self._guard:
+            generation_id = self._champions.get(branch)
+            return None if generation_id is None else self._loaded.get(generation_id)
 
     def loaded(self) -> dict[str, int]:
         """Branch -> generation id of every loaded champion."""
-        return {branch: champion.generation_id for branch, champion in self._loaded.items()}
+        with self._guard:
+            return {branch: g for branch, g in self._champions.items() if g in self._loaded}
+
+    def pinned(self) -> list[int]:
+        """Generations loaded besides the champions, least recently used first."""
+        with self._guard:
+            return self._others()
 
     def refresh(self) -> list[str]:
-        """Reload every loaded branch whose alias moved; returns the branches reloaded. Errors are logged:
-        the old champion keeps serving until the new one loads."""
+        """Load the new champion of every branch whose champion is loaded and whose alias moved; returns the
+        branches reloaded. Errors are logged: the old champion keeps serving until the new one loads."""
         reloaded = []
-        for branch, champion in list(self._loaded.items()):
+        for branch, generation_id in self.loaded().items():
             try:
-                if self.champion_id(branch) != champion.generation_id:
-                    self.get(branch)
+                target = self.models.pin(branch)
+                if target.generation_id != generation_id:
+                    self.load(target)
                     reloaded.append(branch)
             except Exception:  # noqa: BLE001 - a failed load must not stop the service
                 log.exception("could not load the new champion of branch %s; generation %s keeps serving",
-                              branch, champion.generation_id)
+                              branch, generation_id)
         return reloaded
 
-    def _branch_lock(self, branch: str) -> threading.Lock:
-        with self._guard:
-            return self._load_locks.setdefault(branch, threading.Lock())
+    def _touch(self, generation_id: int) -> LoadedGeneration | None:
+        """Under the guard: the loaded generation, now the most recently used."""
+        found = self._loaded.get(generation_id)
+        if found is not None:
+            self._loaded.move_to_end(generation_id)
+        return found
 
-    def _load(self, branch: str, generation_id: int) -> Champion:
+    def _others(self) -> list[int]:
+        """Under the guard: loaded generations that are no branch's champion, least recently used first."""
+        champions = set(self._champions.values())
+        return [g for g in self._loaded if g not in champions]
+
+    def _evict(self) -> None:
+        """Under the guard: unload the least recently used others beyond ``max_pinned`` (a request still
+        generating with one keeps it until it finishes)."""
+        others = self._others()
+        for generation_id in others[: max(0, len(others) - self.max_pinned)]:
+            del self._loaded[generation_id]
+            log.info("generation %s unloaded (least recently used beyond %s pinned)", generation_id, self.max_pinned)
+            if self.metrics is not None:
+                self.metrics.evictions.inc()
+
+    def _generation_lock(self, generation_id: int) -> threading.Lock:
+        with self._guard:
+            return self._load_locks.setdefault(generation_id, threading.Lock())
+
+    def _load(self, generation_id: int) -> LoadedGeneration:
         directory = self.context.artifacts.path(generation_id)  # refuses a directory that does not verify
-        log.info("loading generation %s as the champion of branch %s from %s", generation_id, branch, directory)
+        log.info("loading generation %s from %s", generation_id, directory)
         if self.threads:
             import torch  # torch: only where a model is served
 
             torch.set_num_threads(self.threads)
-        champion = Champion(branch, generation_id, directory)
-        self._loaded[branch] = champion
-        if self.metrics is not None:
-            self.metrics.champion.labels(branch).set(generation_id)
-            self.metrics.champion_load_seconds.labels(branch).set(champion.load_seconds)
-        log.info("generation %s serves branch %s (loaded in %.1f s)", generation_id, branch, champion.load_seconds)
-        return champion
+        loaded = LoadedGeneration(generation_id, directory)
+        log.info("generation %s loaded in %.1f s", generation_id, loaded.load_seconds)
+        return loaded
 
 
 def clamp_temperature(value: float) -> float:

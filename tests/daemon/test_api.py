@@ -304,10 +304,12 @@ def test_bad_chat_requests_name_the_field(client: TestClient, ingest: dict[str, 
     assert_problem(client.post("/v1/chat/completions", json={**CHAT, **change}, headers=ingest), status, field)
 
 
-def test_models_are_the_branches_with_a_champion(client: TestClient, ingest: dict[str, str]) -> None:
+def test_models_are_the_names_that_answer(client: TestClient, ingest: dict[str, str]) -> None:
     models = client.get("/v1/models", headers=ingest).json()
     assert models["object"] == "list"
-    assert [(m["id"], m["generation"]) for m in models["data"]] == [("main", 0)]
+    assert [(m["id"], m["generation"]) for m in models["data"]][:3] == [("main", 0), ("main@champion", 0),
+                                                                          ("main@0", 0)]
+    assert models["data"][-1]["id"] == "auto"
 
 
 # -- generations --------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ def test_openai_client_chats_with_the_champion_and_feedback_follows(
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ingest_token, max_retries=0)
     admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {admin_token}"})
 
-    assert [m.id for m in client.models.list()] == ["main"]
+    assert [m.id for m in client.models.list()] == ["main", "main@champion", "main@0", "auto"]
     messages = [{"role": "user", "content": "What is a list comprehension?"}]
     completion = client.chat.completions.create(model="main", messages=messages, max_tokens=8, temperature=0.8, seed=3)
     answer = completion.choices[0].message.content
+    assert (completion.model, completion.system_fingerprint) == ("main@0", "generation-0")
     assert answer and completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
 
@@ -47,7 +48,7 @@ def test_openai_client_chats_with_the_champion_and_feedback_follows(
     try:
         client.chat.completions.create(model="nope", messages=messages)
     except openai.NotFoundError as error:
-        assert "nope" in str(error)
+        assert "nope" in str(error) and error.code == "model_not_found" and "main, auto" in str(error)
     else:
         raise AssertionError("an unknown model must be a 404")
     try:

@@ -133,6 +133,13 @@ def test_generations_json_and_export(state: Path, tmp_path: Path) -> None:
     loaded = subprocess.run([sys.executable, "-c", load, str(out)], capture_output=True, text=True, check=True)
     assert int(loaded.stdout.split()[-1]) > 0
     assert selftune(state, "export", "7", str(tmp_path / "x"), ok=False).returncode != 0
+    for name in ("main", "main@champion", "main@0"):  # the model names the API takes, too
+        assert "exported generation 0" in selftune(state, "export", name, str(tmp_path / name)).stdout
+        assert json.loads((tmp_path / name / "generation.json").read_text())["id"] == 0
+    for name, problem in (("main@challenger", "branch 'main' has no challenger now"), ("nope", "no branch 'nope'"),
+                          ("auto", "it chooses per request")):
+        refused = selftune(state, "export", name, str(tmp_path / "refused"), ok=False)
+        assert refused.returncode == 2 and problem in refused.stderr and "main" in refused.stderr, refused.stderr
 
 
 def test_a_specialist_gets_the_rows_of_each_of_its_domains_and_keeps_them(state: Path) -> None:
@@ -150,6 +157,9 @@ def test_a_specialist_gets_the_rows_of_each_of_its_domains_and_keeps_them(state:
     refused = selftune(state, "branch", "create", "rival", "--from", "0", "--domain", "physics", "--domain",
                        "elements", ok=False)
     assert refused.returncode == 2 and "domain 'elements' is routed to branch 'chemists'" in refused.stderr
+    assert dump(state) == before
+    auto = selftune(state, "branch", "create", "auto", "--from", "0", ok=False)  # the name that routes requests
+    assert auto.returncode == 2 and "branch name 'auto' is the model name that routes" in auto.stderr
     assert dump(state) == before
 
 

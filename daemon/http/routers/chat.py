@@ -1,7 +1,14 @@
-"""OpenAI-compatible chat: the models (branches with a champion) and chat completions, streamed or not.
+"""OpenAI-compatible chat completions, streamed or not, by the generation the request's ``model`` names.
 
-Each exchange is logged as an interaction, so that feedback can follow. Generation is blocking torch
-work: it runs in worker threads (at most ``GENERATION_THREADS`` at once), never on the event loop.
+``model`` is any name ``service.models`` resolves (``GET /v1/models`` lists them): a branch (its
+champion), ``branch@champion``, ``branch@challenger``, ``branch@<generation id>``, or ``auto`` (the
+router chooses). Every response says who answered: ``model`` is the concrete ``branch@<id>``,
+``system_fingerprint`` is ``generation-<id>``, and the headers ``X-Selftune-Branch``,
+``X-Selftune-Generation`` and ``X-Selftune-Route`` (pinned, routed or deferred) come before the first
+byte of a stream too. Each exchange is logged as an interaction on the branch that answered, with
+``{"route": ...}`` (``Target.record``) in its metadata, so that feedback can follow. Generation is
+blocking torch work: it runs in worker threads (at most ``GENERATION_THREADS`` at once), never on the
+event loop.
 """
 
 from __future__ import annotations
@@ -12,24 +19,27 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
-from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.errors import InvalidRecordError
 from selftune.policies.ingest import RowDefaults, parse_row
-from selftune.policies.records import CHAMPION, InteractionIn
+from selftune.policies.records import InteractionIn
 
 from selftune.daemon.context import Context
 from selftune.daemon.http.auth import Ingest
 from selftune.daemon.http.errors import Problem, invalid
+from selftune.daemon.http.routers.generations import model_not_found
 from selftune.daemon.http.routers.interactions import CHAT_ID_PREFIX
 from selftune.daemon.http.schemas import ChatCompletionRequest
 from selftune.daemon.http.state import ServiceState, StateDep
-from selftune.daemon.service.pool import Champion, Completion, SamplingParams, clamp_temperature
+from selftune.daemon.service.models import ModelNotFoundError, Target
+from selftune.daemon.service.pool import Completion, LoadedGeneration, SamplingParams, clamp_temperature
 
 log = logging.getLogger(__name__)
 MAX_WAITING_GENERATIONS = 32
@@ -57,7 +67,7 @@ def _plain_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
 def _check_conversation(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]]) -> None:
     """Validate the exchange with the ingest parser before any work (a placeholder stands for the answer)."""
     try:
-        _exchange_row(context, request, messages, ".", CHAT_ID_PREFIX + "check", Completion(".", "stop", 0, 0, 0, 0.0))
+        _exchange_row(context, request, messages, CHAT_ID_PREFIX + "check", Completion(".", "stop", 0, 0, 0, 0.0))
     except InvalidRecordError as exc:
         field = next((name for name in ("domain", "tags", "user") if exc.reason.startswith(f"'{name}'")), "messages")
         raise invalid(field, exc.reason) from None
@@ -77,28 +87,33 @@ def _sampling(context: Context, request: ChatCompletionRequest) -> SamplingParam
                           top_p=1.0 if request.top_p is None else request.top_p, stop=tuple(stops), seed=request.seed)
 
 
-def _exchange_row(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]], answer: str,
-                  external_id: str, completion: Completion) -> InteractionIn:
-    row: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": answer}], "id": external_id,
-                           "generation": completion.generation_id,
+def _exchange_row(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]],
+                  external_id: str, completion: Completion, target: Target | None = None) -> InteractionIn:
+    """The exchange as an interaction of the branch that answered (without a target, as a check: the default
+    branch's), its routing record in the metadata."""
+    row: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": completion.text}],
+                           "id": external_id, "generation": completion.generation_id,
                            "usage": {"prompt_tokens": completion.prompt_tokens,
                                      "completion_tokens": completion.completion_tokens}}
+    if target is not None:
+        row["route"] = target.record()
     if request.domain is not None:
         row["domain"] = request.domain
     if request.tags is not None:
         row["tags"] = request.tags
     if request.user is not None:
         row["user"] = request.user
-    return parse_row(row, "openai", RowDefaults(branch=request.model, source="api:chat",
+    branch = target.branch if target is not None else context.config.ingest.default_branch
+    return parse_row(row, "openai", RowDefaults(branch=branch, source="api:chat",
                                                 max_message_chars=context.config.ingest.max_message_chars))
 
 
 def _log_exchange(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]],
-                  completion: Completion, external_id: str) -> int | None:
+                  completion: Completion, external_id: str, target: Target) -> int | None:
     """Store the exchange as an interaction under its unique external id; its id, or None if it was not
     logged (an empty answer is no interaction)."""
     try:
-        row = _exchange_row(context, request, messages, completion.text, external_id, completion)
+        row = _exchange_row(context, request, messages, external_id, completion, target)
     except InvalidRecordError as exc:
         log.warning("chat completion %s not logged: %s", external_id, exc.reason)
         return None
@@ -113,33 +128,56 @@ def _usage(completion: Completion) -> dict[str, int]:
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
 
-def _count_completion(state: ServiceState, branch: str, completion: Completion, stream: bool) -> None:
-    metrics = state.metrics
+def fingerprint(target: Target) -> str:
+    """OpenAI's ``system_fingerprint``: the generation that answered."""
+    return f"generation-{target.generation_id}"
+
+
+def provenance_headers(target: Target) -> dict[str, str]:
+    """Which generation answers, and how it was chosen: on every chat response, streamed ones too."""
+    return {"X-Selftune-Branch": target.branch, "X-Selftune-Generation": str(target.generation_id),
+            "X-Selftune-Route": target.route}
+
+
+def _count_completion(state: ServiceState, target: Target, completion: Completion, stream: bool) -> None:
+    metrics, branch = state.metrics, target.branch
     metrics.completions.labels(branch, str(stream).lower()).inc()
+    metrics.model_requests.labels(branch, str(target.generation_id), target.route).inc()
     metrics.completion_tokens.labels(branch).inc(completion.completion_tokens)
     metrics.prompt_tokens.labels(branch).inc(completion.prompt_tokens)
     metrics.generation_seconds.labels(branch).observe(completion.seconds)
 
 
-@router.get("/v1/models", summary="The branches whose champion can answer (OpenAI's model list)")
-async def list_models(state: StateDep, token: Ingest) -> dict[str, Any]:
-    def read() -> list[dict[str, Any]]:
-        with state.context.store.transaction() as tx:
-            aliases = [a for a in tx.aliases.list() if a.name == CHAMPION]
-        return [{"id": a.branch, "object": "model", "created": int(a.updated_at.timestamp()),
-                 "owned_by": "selftune", "generation": a.generation_id} for a in aliases]
+@dataclass(frozen=True)
+class _Exchange:
+    """One chat completion on its way: the request, who answers it, and its prompt in that model's tokens."""
 
-    return {"object": "list", "data": await anyio.to_thread.run_sync(read)}
+    body: ChatCompletionRequest
+    messages: list[dict[str, str]]
+    target: Target
+    model: LoadedGeneration
+    prompt_ids: list[int]
+    params: SamplingParams
+    external_id: str
+
+    def log(self, context: Context, completion: Completion) -> int | None:
+        return _log_exchange(context, self.body, self.messages, completion, self.external_id, self.target)
 
 
-@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion by a champion",
-             description="The branch named by `model` answers with its current champion. The exchange is "
-                         "logged as an interaction: the response `id` is that interaction's id, so feedback "
-                         "can follow (POST /v1/interactions/{id}/feedback). With `stream: true` the answer "
-                         "comes as server-sent events; their `id` is the completion id the exchange is "
-                         "logged under (the feedback endpoint takes it too), and the last event carries "
-                         "`interaction_id`.")
-async def chat_completions(state: StateDep, body: ChatCompletionRequest, token: Ingest) -> Any:
+@router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion by the generation `model` names",
+             description="`model` is a branch (its champion answers), `branch@champion`, `branch@challenger`, "
+                         "`branch@<generation id>`, or `auto` (the router chooses): GET /v1/models lists them, "
+                         "and an unknown one is a 404 with code `model_not_found` listing the names that work. "
+                         "The response's `model` is the generation that answered (`branch@<id>`), "
+                         "`system_fingerprint` is `generation-<id>`, and the headers X-Selftune-Branch, "
+                         "X-Selftune-Generation and X-Selftune-Route (pinned, routed or deferred) say the same, "
+                         "streamed or not. The exchange is logged as an interaction of the branch that answered, "
+                         "with the routing decision in its metadata (`route`): the response `id` is that "
+                         "interaction's id, so feedback can follow (POST /v1/interactions/{id}/feedback). With "
+                         "`stream: true` the answer comes as server-sent events; their `id` is the completion id "
+                         "the exchange is logged under (the feedback endpoint takes it too), and the last event "
+                         "carries `interaction_id`.")
+async def chat_completions(response: Response, state: StateDep, body: ChatCompletionRequest, token: Ingest) -> Any:
     context = state.context
     messages = _plain_messages(body)
     _check_conversation(context, body, messages)
@@ -148,25 +186,26 @@ async def chat_completions(state: StateDep, body: ChatCompletionRequest, token: 
     if limiter.statistics().tasks_waiting >= MAX_WAITING_GENERATIONS:
         raise Problem(503, "too many chat completions are waiting: retry shortly", headers={"Retry-After": "2"})
     try:
-        champion: Champion = await anyio.to_thread.run_sync(state.pool.get, body.model)
-    except NotFoundError as exc:
-        raise Problem(404, str(exc), [{"field": "model", "message": str(exc)}]) from None
+        target, model = await anyio.to_thread.run_sync(state.pool.serve, body.model, messages)
+    except ModelNotFoundError as exc:
+        raise model_not_found(exc) from exc
     try:
-        prompt_ids = await anyio.to_thread.run_sync(champion.prompt_ids, messages)
-        champion.budget(len(prompt_ids), params.max_new_tokens)
+        prompt_ids = await anyio.to_thread.run_sync(model.prompt_ids, messages)
+        model.budget(len(prompt_ids), params.max_new_tokens)
     except InvalidRecordError as exc:
         raise invalid("messages", exc.reason) from None
-    external_id = f"{CHAT_ID_PREFIX}{uuid.uuid4().hex}"
+    exchange = _Exchange(body, messages, target, model, prompt_ids, params, f"{CHAT_ID_PREFIX}{uuid.uuid4().hex}")
     if body.stream:
-        return StreamingResponse(_stream(state, body, messages, champion, prompt_ids, params, external_id),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    completion = await anyio.to_thread.run_sync(champion.generate, prompt_ids, params, limiter=limiter)
-    interaction_id = await anyio.to_thread.run_sync(_log_exchange, context, body, messages, completion, external_id)
-    _count_completion(state, body.model, completion, stream=False)
-    return {"id": str(interaction_id) if interaction_id is not None else external_id,
-            "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "system_fingerprint": f"generation-{completion.generation_id}", "interaction_id": interaction_id,
+        return StreamingResponse(_stream(state, exchange), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **provenance_headers(target)})
+    completion = await anyio.to_thread.run_sync(model.generate, prompt_ids, params, limiter=limiter)
+    interaction_id = await anyio.to_thread.run_sync(exchange.log, context, completion)
+    _count_completion(state, target, completion, stream=False)
+    response.headers.update(provenance_headers(target))
+    return {"id": str(interaction_id) if interaction_id is not None else exchange.external_id,
+            "object": "chat.completion", "created": int(time.time()), "model": target.name,
+            "system_fingerprint": fingerprint(target), "interaction_id": interaction_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "finish_reason": completion.finish_reason, "logprobs": None}],
             "usage": _usage(completion)}
@@ -175,18 +214,17 @@ async def chat_completions(state: StateDep, body: ChatCompletionRequest, token: 
 _DONE = object()
 
 
-async def _stream(state: ServiceState, body: ChatCompletionRequest, messages: list[dict[str, str]],
-                  champion: Champion, prompt_ids: list[int], params: SamplingParams,
-                  external_id: str) -> AsyncIterator[bytes]:
+async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's chunk format; generation runs in a thread and hands text over a queue."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
     cancelled = threading.Event()
     created = int(time.time())
+    target = exchange.target
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        document = {"id": external_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "system_fingerprint": f"generation-{champion.generation_id}",
+        document = {"id": exchange.external_id, "object": "chat.completion.chunk", "created": created,
+                    "model": target.name, "system_fingerprint": fingerprint(target),
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return b"data: " + orjson.dumps(document) + b"\n\n"
 
@@ -195,7 +233,7 @@ async def _stream(state: ServiceState, body: ChatCompletionRequest, messages: li
 
     def generate() -> Completion:
         try:
-            return champion.generate(prompt_ids, params, hand_over, cancelled)
+            return exchange.model.generate(exchange.prompt_ids, exchange.params, hand_over, cancelled)
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, _DONE)
 
@@ -206,15 +244,15 @@ async def _stream(state: ServiceState, body: ChatCompletionRequest, messages: li
             yield chunk({"content": piece})
         try:
             completion = await worker
-            interaction_id = await anyio.to_thread.run_sync(
-                _log_exchange, state.context, body, messages, completion, external_id)
+            interaction_id = await anyio.to_thread.run_sync(exchange.log, state.context, completion)
         except Exception as exc:  # noqa: BLE001 - the headers are out: report in the stream, as OpenAI does
-            log.error("streamed completion %s failed", external_id, exc_info=exc)
+            log.error("streamed completion %s failed", exchange.external_id, exc_info=exc)
             error = {"error": {"message": "generation failed; the service log has the details", "type": "server_error"}}
             yield b"data: " + orjson.dumps(error) + b"\n\n"
             return
-        _count_completion(state, body.model, completion, stream=True)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        _count_completion(state, target, completion, stream=True)
+        options = exchange.body.stream_options
+        include_usage = options is not None and options.include_usage
         yield chunk({}, completion.finish_reason, interaction_id=interaction_id,
                     **({"usage": _usage(completion)} if include_usage else {}))
         yield b"data: [DONE]\n\n"

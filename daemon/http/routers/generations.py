@@ -1,4 +1,5 @@
-"""Generations: list, detail, the lineage page, reports, and promotion (admin only)."""
+"""Generations and their names: the OpenAI model list (each name a chat completion's ``model`` takes), and
+(admin only) list, detail, the lineage page, reports, and promotion."""
 
 from __future__ import annotations
 
@@ -10,16 +11,58 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from selftune.daemon import views
-from selftune.daemon.http.auth import Admin, sign_in_token, signed_in_redirect
+from selftune.daemon.http.auth import Admin, Ingest, sign_in_token, signed_in_redirect
+from selftune.daemon.http.errors import Problem
 from selftune.daemon.http.state import StateDep
 from selftune.daemon.lineage import promote as promote_generation
 from selftune.daemon.reports.files import REPORT_FILES, report_file
 from selftune.daemon.reports.lineage import lineage_rows, render_lineage_html
+from selftune.daemon.service.models import ModelEntry, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 GenerationId = Annotated[int, Path(ge=0, le=2**31)]
+MODEL_NOT_FOUND = "model_not_found"
+"""OpenAI's error code for a model that does not exist."""
 
 router = APIRouter(tags=["generations"])
+
+
+def model_object(entry: ModelEntry) -> dict[str, Any]:
+    """A name in OpenAI's model shape, with what it answers with now (``generation`` is null for "auto")."""
+    return {"id": entry.name, "object": "model", "created": int(entry.created.timestamp()) if entry.created else 0,
+            "owned_by": "selftune", "branch": entry.branch, "generation": entry.generation_id,
+            "alias": entry.alias, "status": entry.status}
+
+
+def model_not_found(exc: ModelNotFoundError) -> Problem:
+    """404 for a name that names nothing: naming ``model``, with OpenAI's ``error.code`` and ``models``, the
+    names that work."""
+    return Problem(404, str(exc), [{"field": "model", "message": exc.problem}], code=MODEL_NOT_FOUND,
+                   extra={"models": list(exc.known)})
+
+
+@router.get("/v1/models", tags=["models"], summary="Every model name that answers (OpenAI's model list)",
+            description="Each branch with a champion (`main`), its aliases (`main@champion`, `main@challenger` "
+                        "while one awaits approval), each of its generations that can answer (`main@3`), and "
+                        "`auto` (the router chooses per request). Besides OpenAI's fields: `branch`, "
+                        "`generation` (what the name answers with now), `alias` and `status`.")
+async def list_models(state: StateDep, token: Ingest) -> dict[str, Any]:
+    entries = await anyio.to_thread.run_sync(state.pool.models.entries)
+    return {"object": "list", "data": [model_object(e) for e in entries]}
+
+
+@router.get("/v1/models/{model}", tags=["models"], summary="One model name: what it answers with now",
+            responses={404: {"description": "No such model; `models` lists the names that work."}})
+async def get_model(state: StateDep, token: Ingest, model: str) -> Any:
+    entries = await anyio.to_thread.run_sync(state.pool.models.entries)
+    found = next((e for e in entries if e.name == model), None)
+    if found is not None:
+        return model_object(found)
+    try:  # not listed: the resolver says what is wrong with the name, and what exists
+        await anyio.to_thread.run_sync(state.pool.models.pin, model)
+    except ModelNotFoundError as exc:
+        raise model_not_found(exc) from exc
+    raise model_not_found(ModelNotFoundError(model, "its generation's files are missing", [e.name for e in entries]))
 
 
 @router.get("/v1/generations", summary="Every generation with its aliases")
