@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigError
 from .gates import GateConfig
 from .pruning import AdapterTrimConfig, PruningConfig
+from .routing import RoutingConfig
 from .selection import SelectionConfig
 from .training import EwcConfig, ReplayConfig, TrainConfig
 from .vocab import VocabTrimConfig
@@ -181,6 +182,7 @@ class Config:
     trim_vocab: VocabTrimConfig = field(default_factory=VocabTrimConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     branches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """The ``[branches.NAME]`` tables: per branch, ``"section.key" -> value`` over the sections above
     (``policies.branches`` applies them; the daemon checks them when it loads the file)."""
