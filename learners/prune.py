@@ -236,11 +236,13 @@ def drop_layers_stepwise(
     batch_size: int = 4,
     autocast: bool = True,
     params_reference: int | None = None,
+    reference_loss: float | None = None,
 ) -> dict[str, Any]:
     """Remove layers one at a time as ``PruningConfig.layer_dropping = "stepwise"`` says; returns the facts.
 
-    ``target_params_ratio`` is measured against ``params_reference`` (default: this model's parameters), so
-    that a model whose vocabulary was trimmed before stops at its size target against the untrimmed one.
+    ``target_params_ratio`` is measured against ``params_reference`` and ``max_drop_cost`` against
+    ``reference_loss`` (defaults: this model's own), so that after a vocabulary trim both budgets still count
+    from the untrimmed model: the trim and the cuts share them.
 
     The model comes back whole (every layer in place): the caller cuts ``kept_layers`` with ``apply_plan``.
     Facts: ``kept_layers``, ``loss_unpruned``, ``loss_after`` (of the last kept state), ``stopped`` (why),
@@ -255,11 +257,11 @@ def drop_layers_stepwise(
                     if isinstance(getattr(model.config, key, None), (list, tuple))
                     and len(getattr(model.config, key)) == n}
     params_unpruned = params_reference or parameter_count(model)
-    unpruned_loss = float(loss_fn(model))
-    if not math.isfinite(unpruned_loss):
+    loss_now = float(loss_fn(model))
+    unpruned_loss = loss_now if reference_loss is None else reference_loss
+    if not (math.isfinite(unpruned_loss) and math.isfinite(loss_now)):
         raise ValueError(f"the unpruned model's held-out loss is {unpruned_loss}: the model or the rows are broken")
     kept = list(range(n))
-    loss_now = unpruned_loss
     first = scores = score_model(model, sequences, pad, batch_size, autocast)
     steps: list[dict[str, Any]] = []
     try:
@@ -313,6 +315,7 @@ def prune_model(
     autocast: bool = True,
     loss_fn: LossFn | None = None,
     params_reference: int | None = None,
+    reference_loss: float | None = None,
 ) -> tuple[PruningPlan, dict[str, Any]]:
     """Score on traffic, ask the policy for a plan, apply it in place; returns the plan and a report.
 
@@ -331,7 +334,7 @@ def prune_model(
             raise ValueError('pruning.layer_dropping = "stepwise" checks the specialty\'s loss between removals: '
                              "pass loss_fn (or held-out rows to prune_directory)")
         stepwise = drop_layers_stepwise(model, sequences, loss_fn, config, pad, batch_size, autocast,
-                                        params_reference)
+                                        params_reference, reference_loss)
         scores = stepwise["first_scores"]
         channel_scores, layer_scores = _channel_scores_by_layer(stepwise), scores.layer_scores()
         plan = plan_for_layers(channel_scores, stepwise["kept_layers"], config,
@@ -402,6 +405,7 @@ def prune_directory(
     held_out: Sequence[Row] = (),
     held_out_max_length: int = 512,
     params_reference: int | None = None,
+    reference_loss: float | None = None,
 ) -> dict[str, Any]:
     """Load a merged model, prune it on traffic, save it (with its tokenizer) to ``out_dir``.
 
@@ -414,7 +418,8 @@ def prune_directory(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stepwise = config.enabled and config.layer_dropping == "stepwise"
     loss_fn = held_out_loss_fn(tokenizer, held_out, held_out_max_length) if stepwise else None
-    _, report = prune_model(model, traffic, config, tokenizer, loss_fn=loss_fn, params_reference=params_reference)
+    _, report = prune_model(model, traffic, config, tokenizer, loss_fn=loss_fn, params_reference=params_reference,
+                            reference_loss=reference_loss)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,10 +29,11 @@ from typing import Any, Union
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from selftune.policies.vocab import Merge, VocabPlan, VocabTrimConfig, plan_vocabulary
+from selftune.policies.pruning import within_prune_budget
+from selftune.policies.vocab import Merge, VocabPlan, VocabTrimConfig, general_token_steps, plan_vocabulary
 
 from .chat import Row, as_messages
-from .evaluate import parameter_count
+from .evaluate import held_out_loss, load_model, parameter_count
 
 Text = Union[str, Row]
 """A plain text (encoded as it is) or a learner row / conversation (rendered with the chat template first)."""
@@ -327,3 +329,47 @@ def trim_vocabulary(
     record = {"kept_ids": list(plan.kept_ids), **{k: v for k, v in facts.items() if k != "kept_by_reason"}}
     (out_dir / KEPT_IDS_FILE).write_text(json.dumps(record), encoding="utf-8")
     return facts
+
+
+def trim_within_budget(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    traffic_texts: Sequence[Text],
+    general_texts: Sequence[Text],
+    config: VocabTrimConfig,
+    *,
+    held_out: Sequence[Row],
+    max_length: int,
+    max_cost: float,
+) -> tuple[dict[str, Any], float]:
+    """The smallest trim (``general_token_steps``) whose loss on ``held_out`` stays within ``max_cost`` of the
+    untrimmed model's, written to ``out_dir``; None's facts and no directory if even the largest costs more.
+
+    Trimming is lossless on text its kept tokens cover, but a held-out word the traffic never used is cut into
+    shorter pieces the model predicts worse (SmolLM2-135M on 930 hacker_jargon rows: 6.9% of held-out answer
+    tokens dropped at 8,000 general tokens, +15% loss per byte; 1.8% at 32,000, +3.2%), so the size the
+    specialty allows is measured, not assumed. Returns the facts (with every ``trials`` entry) and the
+    untrimmed model's held-out loss, the reference later cuts are budgeted against."""
+    out_dir = Path(out_dir)
+
+    def loss_of(directory: Path) -> float:
+        model, tokenizer = load_model(directory)
+        return held_out_loss(model, tokenizer, held_out, max_length=max_length).loss
+
+    reference = loss_of(Path(source_dir))
+    vocab_size = len(AutoTokenizer.from_pretrained(source_dir))
+    trials: list[dict[str, Any]] = []
+    for general in general_token_steps(config, vocab_size):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        facts = trim_vocabulary(source_dir, out_dir, traffic_texts, general_texts, replace(config, general_tokens=general))
+        loss = loss_of(out_dir)
+        within = within_prune_budget(loss, reference, max_cost)
+        trials.append({"general_tokens": general, "vocab_size_after": facts["vocab_size_after"],
+                       "parameters_after": facts["parameters_after"], "loss": loss, "loss_ratio": loss / reference,
+                       "within": within})
+        if within:
+            return {**facts, "general_tokens": general, "loss_untrimmed": reference, "loss_after": loss,
+                    "max_cost": max_cost, "trials": trials}, reference
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"enabled": False, "reason": f"every trim tried cost more than {max_cost:.0%} on the held-out rows",
+            "loss_untrimmed": reference, "max_cost": max_cost, "trials": trials}, reference

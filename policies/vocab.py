@@ -203,3 +203,13 @@ def tokens_to_keep(vocab: Mapping[str, int], merges: Sequence[Merge], **inputs: 
     """The kept ids of ``plan_vocabulary(vocab, merges, **inputs)`` (the parent's ids), closed under the merges;
     ``inputs`` are its keyword arguments (``special_ids``, ``byte_alphabet_ids``, ..., ``config``)."""
     return frozenset(plan_vocabulary(vocab, merges, **inputs).kept_ids)
+
+
+def general_token_steps(config: VocabTrimConfig, vocab_size: int) -> list[int]:
+    """The general-token counts a trim within a loss budget tries, smallest vocabulary first: ``general_tokens``,
+    doubled while it stays below the vocabulary (a trim that keeps every token is no trim)."""
+    steps, count = [], max(config.general_tokens, 1)
+    while count < vocab_size:
+        steps.append(count)
+        count *= 2
+    return steps

@@ -24,7 +24,7 @@ from selftune.learners import heal as distill
 from selftune.learners import jobs
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
-from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_vocabulary
+from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_within_budget
 from selftune.policies.gates import GateResult, evaluate_gates, promotion_decision
 from selftune.policies.records import CHALLENGER, Cycle
 from selftune.policies.selection import golden_prompts, select_training_data
@@ -190,20 +190,23 @@ def prune(work: Work) -> dict[str, Any]:
     if not config.pruning.enabled:
         return {"enabled": False}
     data = work.read(SELECT_RESULT)
-    source, vocab = work.path(MERGED_DIR), {"enabled": False}
+    source, vocab, reference_loss = work.path(MERGED_DIR), {"enabled": False}, None
     unpruned_params = work.read(MERGE_RESULT)["params"]
+    # The specialty's held-out loss, cut as evaluation cuts it, is checked after the trim and between removals;
+    # the trim and the layer cuts share one budget (max_drop_cost) counted from the merged model.
+    held_out = {"held_out": conversations(data["held_out"][:config.cycle.max_eval_rows]),
+                "max_length": config.train.max_length}
     if config.trim_vocab.enabled:
-        shutil.rmtree(work.path(TRIMMED_DIR), ignore_errors=True)
         # What the specialty reads and writes (new rows, replay, rehearsal: never the held-out rows, which
         # test it), and general prose, whose most frequent tokens stay so that ordinary text reads in words.
         traffic = [*data["train"], *work.read(REPLAY_RESULT), *work.read(REHEARSAL_RESULT)]
-        vocab = trim_vocabulary(source, work.path(TRIMMED_DIR), traffic, foundation_probe(work.context), config.trim_vocab)
-        source = work.path(TRIMMED_DIR)
+        vocab, reference_loss = trim_within_budget(source, work.path(TRIMMED_DIR), traffic, foundation_probe(work.context),
+                                                   config.trim_vocab, max_cost=config.pruning.max_drop_cost, **held_out)
+        source = work.path(TRIMMED_DIR) if vocab.get("enabled", True) else source
     shutil.rmtree(work.path(PRUNED_DIR), ignore_errors=True)
-    # Stepwise layer dropping checks the specialty's held-out loss between removals, cut as evaluation cuts it.
     report = prune_directory(source, work.path(PRUNED_DIR), prompt_and_answer(data["train"]), config.pruning,
-                             held_out=conversations(data["held_out"]), held_out_max_length=config.train.max_length,
-                             params_reference=unpruned_params)
+                             held_out=held_out["held_out"], held_out_max_length=held_out["max_length"],
+                             params_reference=unpruned_params, reference_loss=reference_loss)
     if (source / KEPT_IDS_FILE).exists():
         shutil.copy2(source / KEPT_IDS_FILE, work.path(PRUNED_DIR) / KEPT_IDS_FILE)
     # the step's before and after are the unpruned candidate's and the final ones, vocabulary included

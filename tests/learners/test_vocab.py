@@ -24,6 +24,7 @@ from selftune.learners.vocab import (
     remap_post_processor,
     restrict_to_kept,
     trim_vocabulary,
+    trim_within_budget,
 )
 from selftune.policies.vocab import VocabTrimConfig
 
@@ -261,3 +262,22 @@ def test_a_tokenizer_without_byte_pieces_is_refused() -> None:
     data["model"]["byte_fallback"] = True
     data["model"]["vocab"]["<0x41>"] = 1
     assert byte_alphabet_ids(data) == {1}
+
+
+HELD_OUT = [[{"role": "user", "content": "In hacker jargon, what does \"cruft\" mean?"},
+             {"role": "assistant", "content": "Excess, superfluous junk; the results of shoddy construction."}]]
+
+
+def test_a_trim_within_its_budget_keeps_the_smallest_vocabulary_that_fits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = VocabTrimConfig(enabled=True, general_tokens=12_000)  # steps: 12,000, 24,000 and 48,000 tokens
+    loose, reference = trim_within_budget(tiny_model_dir, tmp_path / "loose", TRAFFIC, GENERAL, config,
+                                          held_out=HELD_OUT, max_length=64, max_cost=10.0)
+    assert loose["general_tokens"] == 12_000 and len(loose["trials"]) == 1 and loose["trials"][0]["within"]
+    assert loose["loss_untrimmed"] == reference and loose["vocab_size_after"] < loose["vocab_size_before"]
+    assert load_kept_ids(tmp_path / "loose") is not None
+    # a budget nothing meets (the loss must fall by half): every step tried, none kept, nothing left behind
+    none, _ = trim_within_budget(tiny_model_dir, tmp_path / "none", TRAFFIC, GENERAL, config, held_out=HELD_OUT,
+                                 max_length=64, max_cost=-0.5)
+    assert none["enabled"] is False and "-50%" in none["reason"] and not (tmp_path / "none").exists()
+    assert [t["general_tokens"] for t in none["trials"]] == [12_000, 24_000, 48_000]
+    assert not any(t["within"] for t in none["trials"])

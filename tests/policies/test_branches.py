@@ -34,7 +34,7 @@ def test_each_layer_overrides_the_one_below_global_specialist_table_stored() -> 
     assert sources == {"train.steps": "branch set", "pruning.enabled": "specialist default",
                        "pruning.mlp_channel_fraction": "specialist default",
                        "pruning.layer_dropping": "specialist default", "pruning.layer_fraction": "specialist default",
-                       "pruning.max_drop_cost": "specialist default", "pruning.target_params_ratio": "specialist default",
+                       "pruning.target_params_ratio": "specialist default",
                        "trim_vocab.enabled": "specialist default", "gates.max_foundation_regression": "configuration", "gates.max_foundation_drift":
                            "specialist default", "gates.max_params_ratio": "configuration"}
 

@@ -150,3 +150,11 @@ def test_in_scope_words_encode_identically_and_no_dropped_token_appears(seed: in
     for word in words:
         pieces = bpe_encode(word, kept_merges)
         assert set(pieces) <= kept and "".join(pieces) == word
+
+
+def test_a_trim_within_a_budget_tries_the_general_token_counts_smallest_vocabulary_first() -> None:
+    from selftune.policies.vocab import VocabTrimConfig, general_token_steps
+
+    assert general_token_steps(VocabTrimConfig(general_tokens=8000), 49152) == [8000, 16000, 32000]
+    assert general_token_steps(VocabTrimConfig(general_tokens=0), 5) == [1, 2, 4]
+    assert general_token_steps(VocabTrimConfig(general_tokens=64000), 49152) == []  # keeps every token: no trim
