@@ -9,6 +9,7 @@ from typing import Any
 
 from selftune.learners import jobs  # light on purpose (no torch): the names inside a training job's folder
 
+from selftune.daemon.cycle.routing import routing_record
 from selftune.daemon.cycle.workdir import (
     EVALUATE_RESULT, GATE_RESULT, HEAL_RESULT, MERGE_RESULT, PRUNE_RESULT, REHEARSAL_RESULT, REPLAY_RESULT,
     SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, Work,
@@ -57,6 +58,8 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
                     # the candidate before pruning (new data, size, speed), when it was pruned
                     **({"unpruned": suites["unpruned"]} if "unpruned" in suites else {}),
                     "cutoff": data["cutoff"], "experiences": experiences},
+        # a specialist's route index (router.faiss/router.json) and its route and deferral thresholds
+        "routing": routing_record(work),
         "gates": verdict["gates"],
         "decision": {"action": verdict["action"], "reason": verdict["reason"]},
     }

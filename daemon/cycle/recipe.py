@@ -33,6 +33,7 @@ from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps
 from selftune.daemon.cycle.manifest import carries_fisher, generation_manifest
 from selftune.daemon.cycle.probes import foundation_probe, foundation_rehearsal
+from selftune.daemon.cycle.routing import build_routing, copy_route_index
 from selftune.daemon.cycle.rows import (
     conversations, count_by_domain, interaction_row, messages, prompt_and_answer, row,
 )
@@ -311,6 +312,7 @@ def package(work: Work) -> dict[str, Any]:
     generation_id = _reserved_generation_id(work)
     artifacts = work.context.artifacts
     if generation_id not in artifacts.ids():
+        build_routing(work)  # a specialist's route index and thresholds: in the directory and its manifest
         manifest = generation_manifest(work, generation_id)
 
         def fill(directory: Path) -> dict[str, Any]:
@@ -320,6 +322,7 @@ def package(work: Work) -> dict[str, Any]:
             shutil.copytree(work.path(TRAIN_DIR) / jobs.ADAPTER_DIR, directory / jobs.ADAPTER_DIR)
             if carries_fisher(work):
                 shutil.copy2(work.path(TRAIN_DIR) / jobs.FISHER_FILE, directory / jobs.FISHER_FILE)
+            copy_route_index(work, directory)
             write_reports(directory, generation_id, manifest, work.read(EVALUATE_RESULT), lineage=generations_view(work.context))
             return {}
 

@@ -9,6 +9,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 
 from selftune.daemon.context import Context
+from selftune.daemon.service.cascade import CascadeRouter
 from selftune.daemon.service.metrics import Metrics
 from selftune.daemon.service.pool import ChampionPool
 
@@ -21,6 +22,8 @@ class ServiceState:
     pool: ChampionPool
     """The loaded champions, one per branch asked for."""
     metrics: Metrics
+    router: CascadeRouter | None = None
+    """Routes ``"model": "auto"`` (wired into ``pool.models``); it follows ``routing.enabled`` per request."""
     accepting: bool = True
     """False once the service stops: new writes are refused (``Draining``)."""
     preload_error: str | None = None
@@ -30,9 +33,14 @@ class ServiceState:
 
     @classmethod
     def build(cls, context: Context) -> ServiceState:
-        """The one place the service's metrics and champion pool are made (the service and the tests' apps)."""
+        """The one place the service's metrics, champion pool and router are made (the service and the tests'
+        apps). The cascade's router is always wired in: with ``routing.enabled`` off (a reload may turn it on or
+        off) it sends ``"auto"`` to the default branch, as it does while no specialist has a routing index."""
         metrics = Metrics()
-        return cls(context, ChampionPool(context, metrics, threads=context.config.model.threads), metrics)
+        pool = ChampionPool(context, metrics, threads=context.config.model.threads)
+        router = CascadeRouter(context, pool)
+        pool.models.router = router
+        return cls(context, pool, metrics, router)
 
 
 def service_state(app: FastAPI) -> ServiceState:

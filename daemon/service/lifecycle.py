@@ -5,7 +5,8 @@ Lifecycle, as systemd sees it (``deploy/selftune.service``, ``Type=notify``):
 - start: migrate, resume a cycle whose worker died with the last service, start the scheduler,
   serve HTTP, load the default branch's champion; READY=1 once ``/readyz`` would pass.
 - running: a housekeeping task on the event loop sends WATCHDOG=1 (so a hung loop stops the pings),
-  STATUS= lines when something changes, and loads a newly promoted champion ahead of requests.
+  STATUS= lines when something changes, and loads a newly promoted champion (and the routing index of a
+  specialist's, with the router's embedder) ahead of requests.
 - SIGHUP (``systemctl reload``): read the configuration again; schedule and server limits apply at
   once, the database URL and the listening address need a restart. An invalid file changes nothing.
 - SIGTERM / SIGINT: STOPPING=1; stop intake (new writes get 503, the listener closes), cancel the
@@ -214,6 +215,10 @@ class Service:
         async def refresh() -> None:
             try:
                 await anyio.to_thread.run_sync(self.state.pool.refresh)
+                if self.state.router is not None:  # re-read moved champions' routing indexes ahead of requests
+                    await anyio.to_thread.run_sync(self.state.router.warm)
+            except Exception:  # noqa: BLE001 - housekeeping must go on
+                log.exception("refreshing the champions or the routing indexes failed")
             finally:
                 self._refreshing = False
 
