@@ -37,9 +37,11 @@ class SelectionConfig:
     """A corrected response replaces the logged one (and becomes a golden prompt)."""
     dedupe_exact: bool = True
     """Keep one row (the lowest id) of rows whose final messages are identical."""
-    near_duplicate_similarity: float = 0.95
-    """Cosine similarity of prompt embeddings above which two rows are near-duplicates; 1.0 turns it off.
-    Not applied yet: the filter comes with the cascade's prompt embeddings, through ``drop_ids`` below."""
+    near_duplicate_similarity: float = 0.99
+    """Cosine similarity of whole-row embeddings (prompt and answer, embedded as the router embeds prompts) at or
+    above which two rows are near-duplicates, the lowest id kept; 1.0 turns it off. Measured with the
+    foundation's input embeddings on 80 rows a domain and their reworded twins: 0.99 drops 50% of the twins and
+    1% of distinct rows, 0.95 drops 78% of the twins but 15% of distinct rows."""
     min_train_rows: int = 16
     """A cycle needs at least this many training rows, else it waits for more data."""
     min_held_out_rows: int = 2

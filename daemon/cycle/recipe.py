@@ -33,7 +33,7 @@ from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps
 from selftune.daemon.cycle.manifest import carries_fisher, generation_manifest
 from selftune.daemon.cycle.probes import foundation_probe, foundation_rehearsal
-from selftune.daemon.cycle.routing import build_routing, copy_route_index
+from selftune.daemon.cycle.routing import build_routing, copy_route_index, near_duplicate_drops
 from selftune.daemon.cycle.rows import (
     conversations, count_by_domain, interaction_row, messages, prompt_and_answer, row,
 )
@@ -80,7 +80,8 @@ def select(work: Work) -> dict[str, Any]:
     with work.context.store.transaction() as tx:
         interactions = list(tx.interactions.since(work.cycle.branch, cutoff))
         feedback = [f for fs in tx.feedback.for_interactions([i.id for i in interactions]).values() for f in fs]
-    selection = select_training_data(interactions, feedback, config.selection)
+    near_duplicates = near_duplicate_drops(work, interactions)
+    selection = select_training_data(interactions, feedback, config.selection, drop_ids=near_duplicates)
     golden = golden_prompts(interactions, feedback)
     newest = max((i.id for i in interactions), default=cutoff)
     train = [row(r.interaction_id, r.messages, r.domain) for r in selection.train]
@@ -89,6 +90,7 @@ def select(work: Work) -> dict[str, Any]:
         "reason": selection.decision.reason,
         "cutoff": {**work.parent.metrics.get("cutoff", {}), work.cycle.branch: newest},
         "counts": {**selection.counts(), "interactions": len(interactions)},
+        "near_duplicates": {str(dropped): kept for dropped, kept in near_duplicates.items()},
         "domains": count_by_domain(train),
         "train": train,
         "held_out": [row(r.interaction_id, r.messages, r.domain) for r in selection.held_out],

@@ -236,3 +236,27 @@ def _thin(points: list[Any]) -> list[Any]:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+# -- near-duplicates in the cycle's data selection -----------------------------------------------------------
+
+
+ROW_TOKENS = 256
+"""Whole rows are embedded from their first this many tokens (the answer too: a reworded question with the same
+answer is a duplicate, the same question with another answer is not)."""
+
+
+def near_duplicate_drops(work: Work, interactions: Sequence[Any]) -> dict[int, int]:
+    """{dropped interaction id: the id kept in its place} among ``interactions`` whose whole rows (prompt and
+    answer) are at least ``selection.near_duplicate_similarity`` alike, embedded as the router embeds prompts
+    (``[routing]``'s embedder and layers); the lowest id of each group stays. {} when the similarity is 1.0."""
+    threshold = work.config.selection.near_duplicate_similarity
+    if threshold >= 1.0 or len(interactions) < 2:
+        return {}
+    from selftune.learners.embed import near_duplicates
+
+    from selftune.daemon.service.cascade import make_embedder
+
+    embedder = make_embedder(work.context, work.config.routing, max_tokens=ROW_TOKENS)
+    texts = ["\n".join(m.content for m in i.messages) for i in interactions]
+    return near_duplicates([i.id for i in interactions], embedder.embed(texts), threshold)

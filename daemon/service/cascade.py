@@ -50,13 +50,15 @@ log = logging.getLogger(__name__)
 ROUTING_DISABLED = "routing disabled"
 
 
-def make_embedder(context: Context, routing: RoutingConfig) -> PromptEmbedder:
-    """The prompt embedder ``[routing]`` describes: generation 0 ("foundation") or an encoder directory."""
+def make_embedder(context: Context, routing: RoutingConfig, max_tokens: int | None = None) -> PromptEmbedder:
+    """The prompt embedder ``[routing]`` describes: generation 0 ("foundation") or an encoder directory; texts cut
+    to ``max_tokens`` (default ``routing.max_prompt_tokens``)."""
     from selftune.learners.embed import PromptEmbedder  # torch: only where prompts are embedded
 
     source = context.artifacts.path(FOUNDATION_ID) if routing.embedder == "foundation" else Path(routing.embedder)
     return PromptEmbedder(source, layers=None if routing.embed_layers == -1 else routing.embed_layers,
-                          max_tokens=routing.max_prompt_tokens, threads=routing.threads, cache_size=routing.cache_size)
+                          max_tokens=max_tokens or routing.max_prompt_tokens, threads=routing.threads,
+                          cache_size=routing.cache_size)
 
 
 def last_user_message(messages: Sequence[Mapping[str, str]]) -> str:
