@@ -176,6 +176,18 @@ def held_out_loss(
                       loss_per_token=per_token, perplexity=perplexity)
 
 
+def row_losses(model: PreTrainedModel, tokenizer: Any, rows: Sequence[Row], max_length: int = 512) -> list[float | None]:
+    """Each row's loss in nats per byte of its answers, as ``held_out_loss`` measures a set (None: nothing to
+    score within ``max_length``)."""
+    encoded = [encode_chat(tokenizer, row, max_length) for row in rows]
+    scores = token_logprobs(model, encoded, pad_id(tokenizer))
+    out: list[float | None] = []
+    for (ids, labels), (logprob, tokens) in zip(encoded, scores, strict=True):
+        size = target_bytes(tokenizer, ids, labels)
+        out.append(-logprob / size if tokens and size else None)
+    return out
+
+
 def target_counts(tokenizer: Any, rows: Sequence[Row], max_length: int = 512) -> tuple[int, int]:
     """(target tokens, target bytes) of rows as ``held_out_loss`` counts them, without a model.
 

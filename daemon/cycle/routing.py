@@ -135,9 +135,9 @@ def _deferral(work: Work, rows: list[dict[str, Any]]) -> dict[str, Any]:
     candidate, tokenizer = ev.load_model(work.candidate_dir)
     confidences = [answer_confidence(candidate, tokenizer, generation_prompt_ids(tokenizer, c[:-1]),
                                      config.deferral_tokens) for c in conversations]
-    losses = _row_losses(candidate, tokenizer, conversations, work.config.train.max_length)
+    losses = ev.row_losses(candidate, tokenizer, conversations, work.config.train.max_length)
     del candidate
-    parent_losses = _row_losses(*ev.load_model(work.parent_dir), conversations, work.config.train.max_length)
+    parent_losses = ev.row_losses(*ev.load_model(work.parent_dir), conversations, work.config.train.max_length)
     usable = [i for i in range(len(rows))
               if losses[i] is not None and parent_losses[i] is not None and math.isfinite(confidences[i])]
     if len(usable) < config.min_calibration_prompts:
@@ -153,20 +153,6 @@ def _deferral(work: Work, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "budget": config.deferral_budget, "tokens": config.deferral_tokens, "rows": len(usable),
             "parent": work.parent.id, "loss_unit": "nats/byte",
             "curve": [[_finite(p.threshold), p.kept_share, p.cascade_loss] for p in _thin(deferral_curve(*args))]}
-
-
-def _row_losses(model: Any, tokenizer: Any, conversations: Sequence[Any], max_length: int) -> list[float | None]:
-    """Each row's loss in nats per byte of its answers (None: nothing to score within ``max_length``)."""
-    from selftune.learners import evaluate as ev
-    from selftune.learners.chat import encode_chat, pad_id
-
-    encoded = [encode_chat(tokenizer, c, max_length) for c in conversations]
-    scores = ev.token_logprobs(model, encoded, pad_id(tokenizer))
-    out: list[float | None] = []
-    for (ids, labels), (logprob, tokens) in zip(encoded, scores, strict=True):
-        size = ev.target_bytes(tokenizer, ids, labels)
-        out.append(-logprob / size if tokens and size else None)
-    return out
 
 
 # -- the prompts ------------------------------------------------------------------------------------------------

@@ -232,3 +232,14 @@ def test_generate_answers_is_greedy_over_the_chat_template(varied_model_dir: Pat
     assert len(set(ids[0, prompt_length:].tolist())) > 1, "the reference must be more than one repeated token"
     assert expected
     assert generate_answers(*load_model(varied_model_dir), ["Name a colour."], max_new_tokens=6) == [expected]
+
+
+def test_row_losses_are_each_rows_held_out_loss(tiny) -> None:
+    model, tokenizer = tiny
+    rows = [[{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A mutable sequence."}],
+            [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello, wörld! 👋"}],
+            [{"role": "user", "content": "Nothing?"}, {"role": "assistant", "content": ""}]]
+    losses = evaluate.row_losses(model, tokenizer, rows)
+    for row, loss in zip(rows[:2], losses):
+        assert loss == pytest.approx(evaluate.held_out_loss(model, tokenizer, [row], autocast=False).loss, rel=2e-2)
+    assert losses[2] is None  # no answer text: nothing to score per byte
