@@ -32,24 +32,38 @@ class Context:
     def database_url(self) -> str:
         return self.config.storage.database_url or sqlite_url(self.state / "selftune.db")
 
+    def make_state_dir(self) -> None:
+        """Create the state directory if it is missing: 0700, whatever the umask, because its database holds
+        every logged conversation and the token hashes (systemd's StateDirectoryMode does the same)."""
+        try:
+            self.state.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            return
+        self.state.chmod(0o700)
+
     @cached_property
     def store(self) -> Store:
         """The database, migrated to the newest schema."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(self.database_url, busy_timeout_ms=self.config.storage.busy_timeout_ms)
+        self.make_state_dir()
+        storage = self.config.storage
+        engine = make_engine(self.database_url, busy_timeout_ms=storage.busy_timeout_ms,
+                             statement_timeout_ms=storage.statement_timeout_ms)
         migrate(engine)
         return Store(engine)
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
+        self.make_state_dir()
         root = self.state / "generations"
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(exist_ok=True)
         return ArtifactStore(root)
 
     def write_default_config(self) -> bool:
         """Write the commented default configuration if there is no file yet; True if it wrote one."""
         if self.config_file.exists():
             return False
+        if self.config_file.parent == self.state:
+            self.make_state_dir()
         self.config_file.parent.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(default_config_text(), encoding="utf-8")
         return True

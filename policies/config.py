@@ -30,7 +30,10 @@ class StorageConfig:
     batch_rows: int = 5000
     """Rows written per statement batch when ingesting."""
     busy_timeout_ms: int = 30000
-    """How long a SQLite writer waits for the lock before failing."""
+    """How long a writer waits for a lock before failing (SQLite's busy timeout, PostgreSQL's lock_timeout);
+    the API then answers 503 with Retry-After."""
+    statement_timeout_ms: int = 300_000
+    """PostgreSQL: the longest a statement may run before the server cancels it; 0: no limit."""
 
     def problems(self) -> list[str]:
         out = []
@@ -40,6 +43,8 @@ class StorageConfig:
             out.append(f"storage.batch_rows = {self.batch_rows}: use a value from 1 to 100000")
         if self.busy_timeout_ms < 0:
             out.append(f"storage.busy_timeout_ms = {self.busy_timeout_ms}: use 0 or more")
+        if self.statement_timeout_ms < 0:
+            out.append(f"storage.statement_timeout_ms = {self.statement_timeout_ms}: use 0 (no limit) or more")
         return out
 
 
@@ -89,6 +94,13 @@ class ServerConfig:
     """New tokens a chat completion generates when the request does not say (max_tokens)."""
     max_tokens_limit: int = 2048
     """Most new tokens a chat completion may ask for."""
+    default_temperature: float = 0.7
+    """Sampling temperature of a chat completion that does not say (0: greedy), when the answering generation's
+    generation_config.json does not say either (the request, then that file, then this: as vLLM does)."""
+    default_top_p: float = 0.9
+    """Nucleus sampling (top_p) of a chat completion that does not say, when its generation's file does not."""
+    default_top_k: int = 0
+    """Top-k sampling of a chat completion, when its generation's file does not say; 0: off."""
     champion_poll_seconds: float = 5.0
     """How often the service looks whether a branch's champion alias moved, to load the new one ahead
     of the next request (a request always gets the champion the alias names, either way)."""
@@ -108,6 +120,12 @@ class ServerConfig:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             out.append(f"server.default_max_tokens = {self.default_max_tokens}: use 1 to server.max_tokens_limit "
                        f"({self.max_tokens_limit})")
+        if not 0 <= self.default_temperature <= 2:
+            out.append(f"server.default_temperature = {self.default_temperature}: use 0 (greedy) to 2")
+        if not 0 < self.default_top_p <= 1:
+            out.append(f"server.default_top_p = {self.default_top_p}: use a value above 0 and at most 1")
+        if self.default_top_k < 0:
+            out.append(f"server.default_top_k = {self.default_top_k}: use 0 (off) or more")
         if self.max_pinned_generations < 0:
             out.append(f"server.max_pinned_generations = {self.max_pinned_generations}: use 0 (champions only) or more")
         for name in ("champion_poll_seconds", "stop_timeout_seconds"):

@@ -49,3 +49,21 @@ class ConflictError(SelftuneError, ValueError):
 
 class ArtifactError(SelftuneError, OSError):
     """A generation directory is missing, incomplete, or fails its checksums."""
+
+
+class DatabaseUnavailableError(SelftuneError, OSError):
+    """The database cannot take a write now; the transaction was rolled back, so nothing of it was kept.
+    The message is one line naming the database (``storage.db`` raises the subclasses below)."""
+
+
+class DatabaseBusyError(DatabaseUnavailableError):
+    """Another writer held the lock longer than ``storage.busy_timeout_ms`` (or a statement ran past
+    ``storage.statement_timeout_ms``): retrying shortly is the fix."""
+
+
+class DatabaseFullError(DatabaseUnavailableError):
+    """The database's disk (or its size limit) is full."""
+
+
+class DatabaseReadOnlyError(DatabaseUnavailableError):
+    """The database file (or its directory) is read-only to this process."""

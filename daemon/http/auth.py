@@ -23,8 +23,9 @@ from selftune.daemon.http.state import StateDep
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `selftune token create --scope ingest|admin`.")
 COOKIE = "selftune_token"
-"""A browser's token for the HTML pages: set by ``GET /v1/lineage?token=...``, honoured on GET requests only
-(HttpOnly, SameSite=Strict), so that the page's links to reports open in the same browser."""
+"""A browser's token for the HTML pages: set by ``GET /v1/lineage?token=...`` (the sign-in, the only place a
+``?token=`` counts: tokens in URLs end up in logs and histories), honoured on GET requests only (HttpOnly,
+SameSite=Strict), so that the page's links to reports open in the same browser."""
 
 
 def _verify(context: Context, secret: str | None) -> ApiToken:
@@ -39,35 +40,43 @@ def _verify(context: Context, secret: str | None) -> ApiToken:
     return token
 
 
-def require(scope: Literal["ingest", "admin"]) -> Callable[..., Awaitable[ApiToken]]:
-    """A dependency that admits a live token of ``scope`` (an admin token is admitted everywhere)."""
+def require(scope: Literal["ingest", "admin"], *, sign_in: bool = False) -> Callable[..., Awaitable[ApiToken]]:
+    """A dependency that admits a live token of ``scope`` (an admin token is admitted everywhere).
+    With ``sign_in`` (the lineage page) a browser may also send it as ``?token=``."""
 
     async def dependency(request: Request, state: StateDep,
                          credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> ApiToken:
-        token = await anyio.to_thread.run_sync(_verify, state.context, _secret(request, credentials))
+        secret = _secret(request, credentials, sign_in)
+        token = await anyio.to_thread.run_sync(_verify, state.context, secret)
         if scope == "admin" and token.scope != "admin":
             raise Problem(403, f"token {token.name!r} has scope {token.scope!r}; this endpoint needs an admin token")
+        if sign_in and secret == request.query_params.get("token"):
+            request.state.signed_in = secret  # this very string was checked: it may go into the cookie
         return token
 
     return dependency
 
 
-def _secret(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    """The bearer token; on GET also the browser's cookie or a ``?token=`` (nothing that a write could ride on)."""
+def _secret(request: Request, credentials: HTTPAuthorizationCredentials | None, sign_in: bool) -> str | None:
+    """The bearer token; on GET also the browser's cookie, or on the sign-in page a ``?token=`` (nothing that a
+    write could ride on)."""
     if credentials is not None:
         return credentials.credentials if credentials.scheme.lower() == "bearer" else None
-    if request.method in ("GET", "HEAD"):
-        return request.query_params.get("token") or request.cookies.get(COOKIE)
-    return None
+    if request.method not in ("GET", "HEAD"):
+        return None
+    return (request.query_params.get("token") if sign_in else None) or request.cookies.get(COOKIE)
 
 
 Ingest = Annotated[ApiToken, Depends(require("ingest"))]
 Admin = Annotated[ApiToken, Depends(require("admin"))]
+AdminSignIn = Annotated[ApiToken, Depends(require("admin", sign_in=True))]
+"""``Admin`` for the lineage page, where a browser signs in with ``?token=``."""
 
 
 def sign_in_token(request: Request) -> str | None:
-    """The ``?token=`` a browser opened a page with (already verified by the page's dependency), if any."""
-    return request.query_params.get("token") or None
+    """The ``?token=`` a browser signed in with, if the page's dependency (``AdminSignIn``) checked that very
+    token; None otherwise (e.g. a valid Authorization header beside a ``?token=`` nobody checked)."""
+    return getattr(request.state, "signed_in", None)
 
 
 def signed_in_redirect(request: Request, secret: str, to: str) -> RedirectResponse:

@@ -13,16 +13,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from selftune.policies.errors import ArtifactError, ConflictError, InvalidRecordError, NotFoundError, SelftuneError
+from selftune.policies.errors import (ArtifactError, ConflictError, DatabaseBusyError, DatabaseFullError,
+                                      DatabaseUnavailableError, InvalidRecordError, NotFoundError, SelftuneError)
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
+CLIENT_CLOSED_REQUEST = 499
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                       409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
                       503: "service_unavailable"}
+BUSY_RETRY_AFTER_SECONDS = 5
+"""Retry-After of a write refused because the database stayed locked past its busy timeout."""
 
 
 class Problem(Exception):
@@ -72,7 +77,9 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return problem_response(422, detail, errors, request.url.path)
 
 
-async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body whose client went away
+        return await _client_gone(request, exc.__cause__)
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     errors = None
     if exc.status_code == 400:  # FastAPI's own answer to a body it cannot decode
@@ -99,11 +106,34 @@ async def _artifact(request: Request, exc: ArtifactError) -> JSONResponse:
                             None, request.url.path)
 
 
+async def _database_unavailable(request: Request, exc: DatabaseUnavailableError) -> JSONResponse:
+    # The message names the database's file or server: the log has it, the client hears what to do.
+    if isinstance(exc, DatabaseBusyError):
+        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
+        return problem_response(503, "the database is busy with another writer and nothing of this request was "
+                                "stored: retry shortly", None, request.url.path,
+                                {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    log.error("%s %s refused: %s", request.method, request.url.path, exc)
+    if isinstance(exc, DatabaseFullError):
+        return problem_response(507, "the database has no room left (its disk is full) and nothing of this request "
+                                "was stored: the service log says where to free space", None, request.url.path)
+    return problem_response(503, "the database cannot take writes (it is read-only) and nothing of this request "
+                            "was stored: the service log says which file", None, request.url.path)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client closed the connection before its request was answered (mid-body, or while a chat generated):
+    no one hears an answer, so it is counted as nginx's 499 "client closed request", not as an error."""
+    log.info("%s %s: the client went away before the answer", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _selftune(request: Request, exc: SelftuneError) -> JSONResponse:
     return problem_response(400, str(exc), None, request.url.path)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The 500 for an exception no handler took: logged with an incident id, told without internals."""
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
     return problem_response(500, f"internal error (incident {incident}; the service log has the details)",
@@ -113,9 +143,11 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 HANDLERS: dict[type[Exception], Any] = {
     Problem: _problem, RequestValidationError: _validation, StarletteHTTPException: _http,
     InvalidRecordError: _invalid, NotFoundError: _not_found, ConflictError: _conflict, ArtifactError: _artifact,
-    SelftuneError: _selftune, Exception: _unexpected,
+    DatabaseUnavailableError: _database_unavailable, SelftuneError: _selftune, ClientDisconnect: _client_gone,
 }
-"""Each exception type and its problem+json answer; Starlette picks the handler of the nearest base class."""
+"""Each exception type and its problem+json answer; Starlette picks the handler of the nearest base class.
+Any other exception is a 500 from ``middleware.UnexpectedErrors``, not from a handler here: Starlette's
+catch-all re-raises after answering, and the server then drops the keep-alive connection."""
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -1,13 +1,14 @@
-"""ASGI middleware of the API: the body limit, request metrics, and refusing writes while stopping."""
+"""ASGI middleware of the API: the body limit, request metrics, refusing writes while stopping, and the 500."""
 
 from __future__ import annotations
 
 import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selftune.daemon.context import Context
-from selftune.daemon.http.errors import Problem, problem_response
+from selftune.daemon.http.errors import Problem, problem_response, unexpected_error_response
 from selftune.daemon.http.state import ServiceState
 from selftune.daemon.service.metrics import Metrics
 
@@ -93,3 +94,33 @@ class Draining:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class UnexpectedErrors:
+    """Answer an exception that no handler took with a 500 problem, and keep the connection open.
+
+    Starlette's own last resort answers and then re-raises, so that uvicorn closes the keep-alive
+    connection: the client's next request on it (httpx, and so the `openai` client) then fails.
+    Outermost, so that it covers the other middleware too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:  # part of a response is out: only closing the connection can tell the client
+                raise
+            await unexpected_error_response(Request(scope), exc)(scope, receive, send)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, func, select
 
 from ..contracts import UnitOfWork
 from ..db import BEGIN_MODE
+from ..models import InteractionRow
 from .base import Clock, utc_now
 from .cycles import SqlCycleRepository
-from .interactions import SqlFeedbackRepository, SqlInteractionRepository
+from .interactions import _INGEST_LOCK_KEY, SqlFeedbackRepository, SqlInteractionRepository
 from .lineage import SqlAliasRepository, SqlBranchRepository, SqlGenerationRepository
 from .replay import SqlReplayRepository
 from .tokens import SqlTokenRepository
@@ -42,6 +43,16 @@ class Store:
                 if connection.dialect.name == "postgresql":
                     connection.exec_driver_sql(f"SET TRANSACTION {'READ WRITE' if write else 'READ ONLY'}")
                 yield SqlUnitOfWork(connection, self.clock)
+
+    def check_writable(self) -> None:
+        """Raise ``DatabaseBusyError`` (or another ``DatabaseUnavailableError``) now, before work whose result
+        would be lost if it could not be stored: take and release the lock that logging an interaction
+        takes (SQLite's write lock; on PostgreSQL the ingest lock and the interactions table's), waiting at
+        most the busy timeout."""
+        with self.transaction(write=True) as tx:
+            if tx.connection.dialect.name == "postgresql":
+                tx.connection.execute(select(func.pg_advisory_xact_lock(_INGEST_LOCK_KEY)))
+                tx.connection.exec_driver_sql(f"LOCK TABLE {InteractionRow.__tablename__} IN ROW EXCLUSIVE MODE")
 
     def ping(self) -> None:
         """Raise if the database cannot be reached (the readiness check): one ``SELECT 1``, which locks nothing."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from selftune.policies.errors import DatabaseBusyError
 from selftune.policies.records import InteractionIn, Message
 from selftune.storage import Store, make_engine, migrate, sqlite_url
 
@@ -62,7 +63,7 @@ def test_a_read_transaction_does_not_wait_for_a_writer(tmp_path: Path) -> None:
             uow.interactions.add_batch([row])
         with store.transaction(write=True) as writer:  # another connection: BEGIN IMMEDIATE, held open
             writer.interactions.add_batch([InteractionIn((Message("user", "uncommitted"),))])
-            with pytest.raises(OperationalError, match="locked"):  # the write lock really is taken
+            with pytest.raises(DatabaseBusyError, match="locked"):  # the write lock really is taken
                 with store.transaction(write=True):
                     pass
             started = time.monotonic()
@@ -90,7 +91,7 @@ def test_the_writer_engine_takes_the_write_lock_as_it_begins(tmp_path: Path) -> 
         migrate(engine)
         store = Store(engine)
         with store.writer_engine().begin():  # nothing written yet
-            with pytest.raises(OperationalError, match="locked"):
+            with pytest.raises(DatabaseBusyError, match="locked"):
                 with store.transaction(write=True):
                     pass
             with store.transaction() as reader:  # reads still go on

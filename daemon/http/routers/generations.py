@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from selftune.daemon import views
-from selftune.daemon.http.auth import Admin, Ingest, sign_in_token, signed_in_redirect
+from selftune.daemon.http.auth import Admin, AdminSignIn, Ingest, sign_in_token, signed_in_redirect
 from selftune.daemon.http.errors import Problem
 from selftune.daemon.http.state import StateDep
 from selftune.daemon.lineage import promote as promote_generation
@@ -77,9 +77,9 @@ async def get_generation(state: StateDep, token: Admin, generation_id: Generatio
 
 @router.get("/v1/lineage", response_class=HTMLResponse,
             summary="The lineage page: each branch's tree of generations, status, aliases, key metrics, reports")
-async def lineage_page(request: Request, state: StateDep, token: Admin) -> Response:
+async def lineage_page(request: Request, state: StateDep, token: AdminSignIn) -> Response:
     secret = sign_in_token(request)
-    if secret:  # a browser signing in (its token checked by Admin): on to the page, the token in a cookie
+    if secret:  # a browser signing in (its token checked by AdminSignIn): on to the page, the token in a cookie
         return signed_in_redirect(request, secret, "/v1/lineage")
     rows = await anyio.to_thread.run_sync(lineage_rows, state.context)
     return HTMLResponse(render_lineage_html(rows))
