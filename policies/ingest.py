@@ -6,10 +6,15 @@ Three formats, detected per row by their keys or forced with ``fmt``:
 - ``prompt``: ``{"prompt": ..., "response": ..., "system"?: ...}``
 Every format also takes ``id`` (or ``external_id``), ``domain``, ``tags`` and ``feedback``; other
 fields are kept in ``metadata``.
+
+Whatever is accepted can be stored and answered back on every backend: no text holds a NUL (PostgreSQL
+cannot store one) or a lone surrogate (not valid Unicode, so not UTF-8), metadata integers fit in 64 bits,
+and metadata nests at most ``MAX_JSON_DEPTH`` levels.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +30,14 @@ FORMAT_KEYS = {"openai": {"messages"}, "sharegpt": {"conversations"}, "prompt": 
 KNOWN_KEYS = {fmt: frozenset(COMMON_KEYS | keys) for fmt, keys in FORMAT_KEYS.items()}
 MAX_ID_CHARS = 256
 MAX_LABEL_CHARS = 64
+MAX_FEEDBACK_ITEMS = 100
+"""Feedback items in one request (or one row): each is stored as up to four feedback rows."""
+MAX_JSON_DEPTH = 64
+"""Levels of lists and objects in a metadata value. orjson, which stores rows and encodes answers, encodes at
+most 254 levels, and an answer wraps a row's metadata in a few more; real metadata is a few levels deep."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Integers that the database and every JSON reader hold exactly."""
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,8 @@ def parse_row(row: Any, fmt: str = "auto", defaults: RowDefaults = RowDefaults()
     messages = _MESSAGE_READERS[fmt](row)
     _check_messages(messages, defaults.max_message_chars)
     extra_keys = row.keys() - KNOWN_KEYS[fmt]
+    for key in extra_keys:
+        _check_json(row[key], repr(key))
     domain = _label(row.get("domain", defaults.domain), "domain")
     return InteractionIn(
         messages=messages,
@@ -126,6 +141,33 @@ def _check_messages(messages: tuple[Message, ...], max_chars: int) -> None:
             raise InvalidRecordError(
                 f"message {i} has {len(m.content)} characters, over ingest.max_message_chars = {max_chars}"
             )
+        check_text(m.content, f"message {i}")
+
+
+def check_text(text: str, name: str = "the text") -> str:
+    """``text`` if it can be stored as it is; else an error naming ``name``, the character and where it is."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return text
+    what = "a NUL character (\\u0000), which PostgreSQL cannot store" if found.group() == "\x00" else \
+        f"a lone surrogate (\\u{ord(found.group()):04x}), which is not valid Unicode"
+    raise InvalidRecordError(f"{name} has {what}, at position {found.start()}: remove it")
+
+
+def _check_json(value: Any, root: str, path: str = "", depth: int = 0) -> None:
+    """A metadata value: nested at most MAX_JSON_DEPTH levels, its text storable, its integers 64-bit."""
+    if isinstance(value, str):
+        check_text(value, root + path)
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidRecordError(f"{root + path} = {value} is not a 64-bit integer: send it as a string")
+    elif isinstance(value, dict | list):
+        if depth == MAX_JSON_DEPTH:
+            raise InvalidRecordError(f"{root} is nested over {MAX_JSON_DEPTH} levels deep: flatten it")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                check_text(key, f"{root + path} key {key!r:.40}")
+            _check_json(item, root, f"{path}[{key!r:.40}]", depth + 1)
 
 
 def _external_id(value: Any) -> str | None:
@@ -136,7 +178,7 @@ def _external_id(value: Any) -> str | None:
     text = str(value)
     if not text or len(text) > MAX_ID_CHARS:
         raise InvalidRecordError(f"'id' {text[:40]!r} must have 1 to {MAX_ID_CHARS} characters")
-    return text
+    return check_text(text, "'id'")
 
 
 def _label(value: Any, name: str) -> str | None:
@@ -144,13 +186,13 @@ def _label(value: Any, name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_LABEL_CHARS:
         raise InvalidRecordError(f"'{name}' must be a string of 1 to {MAX_LABEL_CHARS} characters, got {value!r:.60}")
-    return value
+    return check_text(value, f"'{name}'")
 
 
 def _tags(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(t, str) and 0 < len(t) <= MAX_LABEL_CHARS for t in value):
         raise InvalidRecordError(f"'tags' must be a list of short strings, got {value!r:.60}")
-    return tuple(value)
+    return tuple(check_text(tag, f"'tags' item {i}") for i, tag in enumerate(value))
 
 
 THUMBS = {"up": True, "thumbs_up": True, "down": False, "thumbs_down": False}
@@ -163,6 +205,10 @@ def parse_feedback(value: Any) -> tuple[FeedbackIn, ...]:
     corrected response), ``chosen`` + ``rejected`` (a preference pair) and ``comment``.
     """
     if isinstance(value, list):
+        if len(value) > MAX_FEEDBACK_ITEMS:
+            raise InvalidRecordError(f"{len(value)} feedback items is over {MAX_FEEDBACK_ITEMS}: send fewer at once")
+        if any(isinstance(item, list) for item in value):
+            raise InvalidRecordError("a feedback list holds items (thumbs, scores, objects), not lists")
         return tuple(f for item in value for f in parse_feedback(item))
     if isinstance(value, bool):
         return (FeedbackIn("thumbs", thumbs_up=value),)
@@ -211,7 +257,7 @@ def _score(value: Any, comment: str | None = None) -> FeedbackIn:
 def _required_text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidRecordError(f"feedback '{name}' must be a non-empty string, got {_kind(value)}")
-    return value
+    return check_text(value, f"feedback '{name}'")
 
 
 def _optional_text(value: Any, name: str) -> str | None:

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
-from selftune.policies.ingest import MAX_ID_CHARS, MAX_LABEL_CHARS, SHAREGPT_ROLES, THUMBS
+from selftune.policies.ingest import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_FEEDBACK_ITEMS,
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    SHAREGPT_ROLES,
+    THUMBS,
+    check_text,
+)
 from selftune.policies.records import FEEDBACK_KINDS, ROLES
 
 Role = Literal[ROLES]  # type: ignore[valid-type]
 ShareGptRole = Literal[tuple(SHAREGPT_ROLES)]  # type: ignore[valid-type]
 Thumbs = Literal[tuple(THUMBS)]  # type: ignore[valid-type]
-Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+Text = Annotated[str, AfterValidator(check_text)]
+"""Text that every backend can store: no NUL, no lone surrogate (the ingest parser's own check)."""
+Label = Annotated[Text, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 # -- ingest and feedback bodies (documentation of what policies.ingest accepts) -------------------------
@@ -35,8 +47,9 @@ class FeedbackObject(BaseModel):
 
 
 FeedbackItem = Thumbs | bool | float | FeedbackObject
-Feedback = Annotated[FeedbackItem | list[FeedbackItem], Field(
-    description=f"Thumbs ({', '.join(map(repr, THUMBS))}, true/false), a score, an object, or a list of these; "
+Feedback = Annotated[FeedbackItem | Annotated[list[FeedbackItem], Field(max_length=MAX_FEEDBACK_ITEMS)], Field(
+    description=f"Thumbs ({', '.join(map(repr, THUMBS))}, true/false), a score, an object, or a list of at most "
+                f"{MAX_FEEDBACK_ITEMS} of these; "
                 f"each is stored as one of the feedback kinds {', '.join(FEEDBACK_KINDS)}.")]
 
 
@@ -132,12 +145,22 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+def _check_texts(value: Any) -> Any:
+    """``check_text`` on a text, or on each text (or text part) of a list. It runs after the union is
+    validated, so that an error names the field (``messages[0].content``), not each union member."""
+    for item in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        text = item.text if isinstance(item, ContentPart) else item
+        if isinstance(text, str):
+            check_text(text)
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str = Field(description=f"One of {', '.join(ROLES)} (\"developer\" is read as \"system\").")
     """A plain string: the ingest checks answer a role they do not know, naming ``messages``."""
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Annotated[str | list[ContentPart] | None, AfterValidator(_check_texts)] = None
+    name: Text | None = None
 
 
 class StreamOptions(BaseModel):
@@ -149,9 +172,9 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request. Parameters selftune does not use are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(max_length=200, description="Who answers (GET /v1/models lists the names): a branch (its "
-                                                  "champion), `branch@champion`, `branch@challenger`, "
-                                                  "`branch@<generation id>`, or `auto` (the router chooses).")
+    model: Text = Field(max_length=200, description="Who answers (GET /v1/models lists the names): a branch (its "
+                                                   "champion), `branch@champion`, `branch@challenger`, "
+                                                   "`branch@<generation id>`, or `auto` (the router chooses).")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -160,11 +183,11 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = Field(None, max_length=256)
-    domain: str | None = Field(None, description="selftune: the domain the logged interaction is filed under.")
-    tags: list[str] | None = Field(None, description="selftune: tags of the logged interaction.")
+    stop: Annotated[str | list[str] | None, AfterValidator(_check_texts)] = None
+    seed: Int64 | None = None
+    user: Text | None = Field(None, max_length=256)
+    domain: Text | None = Field(None, description="selftune: the domain the logged interaction is filed under.")
+    tags: list[Text] | None = Field(None, description="selftune: tags of the logged interaction.")
 
 
 class CycleRequest(BaseModel):

@@ -12,7 +12,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 
-from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
 from selftune.policies.ingest import FORMATS, RowDefaults, parse_feedback, parse_row
 from selftune.policies.records import InteractionIn
 from selftune.storage.contracts import UnitOfWork
@@ -21,7 +21,7 @@ from selftune.daemon import views
 from selftune.daemon.context import Context
 from selftune.daemon.http.auth import Admin, Ingest
 from selftune.daemon.http.errors import Problem, invalid
-from selftune.daemon.http.schemas import FEEDBACK_BODY, INGEST_BODY, IngestResponse
+from selftune.daemon.http.schemas import FEEDBACK_BODY, INGEST_BODY, Int64, IngestResponse, Text
 from selftune.daemon.http.state import StateDep
 from selftune.daemon.lineage import domain_routes
 
@@ -77,6 +77,10 @@ def _ingest(context: Context, body: bytes, branch: str | None, domain: str | Non
     rows, single = parse_rows(decode_json(body), fmt, defaults, context.config.server.max_batch_rows)
     with context.store.transaction(write=True) as tx:
         result = tx.interactions.add_batch(rows)
+        if result.conflicts:  # raised inside the transaction: nothing of the body is written
+            raise ConflictError(f"{result.conflicts} row(s) reuse a stored id with other messages, nothing was "
+                                f"written: {', '.join(map(repr, result.conflict_ids))}; the stored rows stay: give "
+                                "an edited row a new id (feedback on a stored row needs its messages unchanged)")
         row_id = _single_row_id(tx, rows[0], result.accepted) if single else None
     return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": 0, "id": row_id}, rows[0].branch
 
@@ -113,9 +117,9 @@ def _resolve_interaction(tx: UnitOfWork, reference: str) -> int:
                          "refused whole (422, every bad row named) and nothing is written.")
 async def post_interactions(
     request: Request, state: StateDep, token: Ingest,
-    branch: Annotated[str | None, Query(max_length=64, description="Branch [default: by domain route, "
-                                                                   "else ingest.default_branch].")] = None,
-    domain: Annotated[str | None, Query(max_length=64, description="Domain of rows that name none.")] = None,
+    branch: Annotated[Text | None, Query(max_length=64, description="Branch [default: by domain route, "
+                                                                    "else ingest.default_branch].")] = None,
+    domain: Annotated[Text | None, Query(max_length=64, description="Domain of rows that name none.")] = None,
     format: Annotated[Literal[FORMATS], Query(description="Row format.")] = "auto",  # type: ignore[valid-type]
 ) -> dict[str, Any]:
     body = await request.body()
@@ -129,7 +133,7 @@ async def post_interactions(
 @router.post("/v1/interactions/{interaction_id}/feedback", status_code=201, openapi_extra=FEEDBACK_BODY,
              summary="Attach feedback to an interaction (or a chat completion id)")
 async def post_feedback(request: Request, state: StateDep, token: Ingest,
-                        interaction_id: Annotated[str, Path(max_length=300)]) -> dict[str, Any]:
+                        interaction_id: Annotated[Text, Path(max_length=300)]) -> dict[str, Any]:
     value = decode_json(await request.body())
     try:
         items = parse_feedback(value)
@@ -149,27 +153,43 @@ async def post_feedback(request: Request, state: StateDep, token: Ingest,
     return {"interaction_id": stored[0]["interaction_id"], "feedback": stored}
 
 
-@router.get("/v1/interactions", summary="Interactions in id order (keyset pagination)")
+def page(views_: list[dict[str, Any]], limit: int, max_bytes: int) -> dict[str, Any]:
+    """Up to ``limit`` views, stopping before their JSON passes ``max_bytes`` (one at least): a listing is
+    bounded however large its rows and their feedback are, and ``next_after`` goes on where it stopped."""
+    size, shown = 64, 0  # 64: room for the envelope
+    for view in views_:
+        size += len(orjson.dumps(view)) + 1
+        if shown and size > max_bytes:
+            break
+        shown += 1
+    data = views_[:shown]
+    full = shown < len(views_) or shown == limit
+    return {"data": data, "next_after": data[-1]["id"] if full else None}
+
+
+@router.get("/v1/interactions", summary="Interactions in id order (keyset pagination)",
+            description="A page holds up to `limit` interactions and at most server.max_body_bytes of JSON (one "
+                        "interaction at least); `next_after` is set while there may be more.")
 async def list_interactions(
     state: StateDep, token: Admin,
-    branch: Annotated[str | None, Query(max_length=64)] = None,
-    domain: Annotated[str | None, Query(max_length=64)] = None,
-    after: Annotated[int | None, Query(ge=0, description="Only ids above this: pass `next_after`.")] = None,
+    branch: Annotated[Text | None, Query(max_length=64)] = None,
+    domain: Annotated[Text | None, Query(max_length=64)] = None,
+    after: Annotated[Int64 | None, Query(ge=0, description="Only ids above this: pass `next_after`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.context.store.transaction() as tx:
             rows = tx.interactions.list(branch=branch, domain=domain, after_id=after, limit=limit)
             feedback = tx.feedback.for_interactions([r.id for r in rows])
-        data = [views.interaction_view(r, feedback.get(r.id)) for r in rows]
-        return {"data": data, "next_after": rows[-1].id if len(rows) == limit else None}
+        return page([views.interaction_view(r, feedback.get(r.id)) for r in rows], limit,
+                    state.context.config.server.max_body_bytes)
 
     return await anyio.to_thread.run_sync(read)
 
 
 @router.get("/v1/interactions/{interaction_id}", summary="One interaction with its feedback")
 async def get_interaction(state: StateDep, token: Admin,
-                          interaction_id: Annotated[str, Path(max_length=300)]) -> dict[str, Any]:
+                          interaction_id: Annotated[Text, Path(max_length=300)]) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.context.store.transaction() as tx:
             found = tx.interactions.get(_resolve_interaction(tx, interaction_id))
