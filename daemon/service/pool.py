@@ -14,17 +14,19 @@ serialises generation (on a small CPU, concurrent generate() calls only share th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from selftune.learners.chat import end_token_ids, generation_prompt_ids, pad_id  # torch-free
+from selftune.policies.config import ServerConfig
 from selftune.policies.errors import InvalidRecordError
 from selftune.policies.records import CHAMPION
 
@@ -33,24 +35,69 @@ from selftune.daemon.service.metrics import Metrics
 from selftune.daemon.service.models import Models, Router, Target
 
 log = logging.getLogger(__name__)
+CLIENT_DISCONNECTED = "client_disconnected"
+"""The finish reason of an answer cut short because its client went away: logged so, and never trained on."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0
-    """0 means greedy decoding (deterministic)."""
-    top_p: float = 1.0
+    temperature: float | None = None
+    """0 means greedy decoding (deterministic). None here, in ``top_p`` or in ``top_k``: the request did not say;
+    ``SamplingDefaults.fill`` fills them in before generation."""
+    top_p: float | None = None
+    top_k: int | None = None
+    """0: off."""
     stop: tuple[str, ...] = ()
     """Strings that end the answer; the answer excludes them (OpenAI's ``stop``)."""
     seed: int | None = None
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """How a generation samples when a request does not say: what its ``generation_config.json`` says, read as
+    vLLM reads it (``temperature``, ``top_p``, ``top_k``), and ``do_sample: false`` as greedy; None where it says
+    nothing (or nothing valid), so that ``[server]`` decides."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def read(cls, directory: Path) -> SamplingDefaults:
+        path = directory / "generation_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        valid = {"temperature": lambda v: isinstance(v, int | float) and v >= 0,
+                 "top_p": lambda v: isinstance(v, int | float) and 0 < v <= 1,
+                 "top_k": lambda v: isinstance(v, int) and v >= 0}
+        found = {}
+        for key, check in valid.items():
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not check(value)):
+                log.warning("%s: %s = %r is not a sampling setting serving can use; [server] decides it",
+                            path, key, value)
+            elif value is not None:
+                found[key] = value
+        if config.get("do_sample") is False:
+            found["temperature"] = 0.0
+        return cls(**found)
+
+    def fill(self, params: SamplingParams, server: ServerConfig) -> SamplingParams:
+        """``params`` with what the request left unsaid: this generation's setting, else ``[server]``'s."""
+        def first(*values: Any) -> Any:
+            return next(v for v in values if v is not None)
+
+        return replace(params, temperature=clamp_temperature(first(params.temperature, self.temperature,
+                                                                   server.default_temperature)),
+                       top_p=first(params.top_p, self.top_p, server.default_top_p),
+                       top_k=first(params.top_k, self.top_k, server.default_top_k))
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     finish_reason: str
-    """"stop" (end of turn or a stop string) or "length" (max_new_tokens reached)."""
+    """"stop" (end of turn or a stop string), "length" (max_new_tokens reached), or ``CLIENT_DISCONNECTED``."""
     prompt_tokens: int
     completion_tokens: int
     generation_id: int
@@ -71,6 +118,7 @@ class LoadedGeneration:
         self.load_seconds = time.perf_counter() - started
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self._stop_ids = end_token_ids(self.model, self.tokenizer)
+        self.sampling_defaults = SamplingDefaults.read(directory)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The conversation in the model's chat template, ending with the assistant's generation prompt."""
@@ -91,7 +139,8 @@ class LoadedGeneration:
                  on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
         """Generate an answer (blocking). ``on_text`` receives the answer's text piece by piece as it grows;
-        setting ``cancelled`` stops generation at the next token."""
+        setting ``cancelled`` stops generation at the next token. ``params`` are filled in
+        (``SamplingDefaults.fill``)."""
         import torch  # torch and transformers: only where a model is served
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -103,11 +152,13 @@ class LoadedGeneration:
                 done = cancelled.is_set() or stream.stopped
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
+        if params.temperature is None or params.top_p is None or params.top_k is None:
+            raise ValueError(f"sampling not filled in: {params} (SamplingDefaults.fill does it)")
         max_new = self.budget(len(prompt_ids), params.max_new_tokens)
         sampling = params.temperature > 0
         options: dict[str, Any] = {"do_sample": sampling}
         if sampling:
-            options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         ids = torch.tensor([prompt_ids])
         with self.lock, torch.inference_mode():
             if params.seed is not None:
@@ -238,7 +289,7 @@ class ChampionPool:
             log.info("generation %s serves as the champion of branch %s (before: %s)", generation_id,
                      target.branch, before)
             if self.metrics is not None:
-                self.metrics.champion.labels(target.branch).set(generation_id)
+                self.metrics.set_champion(target.branch, generation_id)
         return found
 
     def current(self, branch: str) -> LoadedGeneration | None:

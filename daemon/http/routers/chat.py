@@ -9,6 +9,11 @@ byte of a stream too. Each exchange is logged as an interaction on the branch th
 ``{"route": ...}`` (``Target.record``) in its metadata, so that feedback can follow. Generation is
 blocking torch work: it runs in worker threads (at most ``GENERATION_THREADS`` at once), never on the
 event loop.
+
+What a request leaves unsaid of ``temperature`` and ``top_p`` the answering generation's
+``generation_config.json`` says, else ``[server]`` does (vLLM's order). A client that goes away, streamed or
+not, stops generation at the next token; what was generated is logged with ``finish_reason``
+"client_disconnected" in its metadata, which selection never trains on.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from selftune.policies.errors import InvalidRecordError
 from selftune.policies.ingest import RowDefaults, parse_row
@@ -39,7 +45,7 @@ from selftune.daemon.http.routers.interactions import CHAT_ID_PREFIX
 from selftune.daemon.http.schemas import ChatCompletionRequest
 from selftune.daemon.http.state import ServiceState, StateDep
 from selftune.daemon.service.models import ModelNotFoundError, Target
-from selftune.daemon.service.pool import Completion, LoadedGeneration, SamplingParams, clamp_temperature
+from selftune.daemon.service.pool import CLIENT_DISCONNECTED, Completion, LoadedGeneration, SamplingParams
 
 log = logging.getLogger(__name__)
 MAX_WAITING_GENERATIONS = 32
@@ -74,6 +80,7 @@ def _check_conversation(context: Context, request: ChatCompletionRequest, messag
 
 
 def _sampling(context: Context, request: ChatCompletionRequest) -> SamplingParams:
+    """The request's sampling, checked; what it leaves unsaid (None) the answering generation fills in."""
     server = context.config.server
     wanted = request.max_completion_tokens or request.max_tokens or server.default_max_tokens
     if wanted > server.max_tokens_limit:
@@ -82,17 +89,18 @@ def _sampling(context: Context, request: ChatCompletionRequest) -> SamplingParam
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > 4 or any(not s or len(s) > 200 for s in stops):
         raise invalid("stop", "give at most 4 non-empty stop strings of at most 200 characters")
-    temperature = 1.0 if request.temperature is None else request.temperature
-    return SamplingParams(max_new_tokens=wanted, temperature=clamp_temperature(temperature),
-                          top_p=1.0 if request.top_p is None else request.top_p, stop=tuple(stops), seed=request.seed)
+    return SamplingParams(max_new_tokens=wanted, temperature=request.temperature, top_p=request.top_p,
+                          stop=tuple(stops), seed=request.seed)
 
 
 def _exchange_row(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]],
                   external_id: str, completion: Completion, target: Target | None = None) -> InteractionIn:
     """The exchange as an interaction of the branch that answered (without a target, as a check: the default
-    branch's), its routing record in the metadata."""
+    branch's), its routing record and its finish reason in the metadata (selection never trains on an answer
+    whose client went away: ``metadata["finish_reason"] == "client_disconnected"``)."""
     row: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": completion.text}],
                            "id": external_id, "generation": completion.generation_id,
+                           "finish_reason": completion.finish_reason,
                            "usage": {"prompt_tokens": completion.prompt_tokens,
                                      "completion_tokens": completion.completion_tokens}}
     if target is not None:
@@ -145,7 +153,7 @@ def _count_completion(state: ServiceState, target: Target, completion: Completio
     metrics.model_requests.labels(branch, str(target.generation_id), target.route).inc()
     metrics.completion_tokens.labels(branch).inc(completion.completion_tokens)
     metrics.prompt_tokens.labels(branch).inc(completion.prompt_tokens)
-    metrics.generation_seconds.labels(branch).observe(completion.seconds)
+    metrics.completion_seconds.labels(branch).observe(completion.seconds)
 
 
 @dataclass(frozen=True)
@@ -160,8 +168,15 @@ class _Exchange:
     params: SamplingParams
     external_id: str
 
-    def log(self, context: Context, completion: Completion) -> int | None:
-        return _log_exchange(context, self.body, self.messages, completion, self.external_id, self.target)
+    def answer(self, context: Context, gone: threading.Event,
+               on_text: Callable[[str], None] | None = None) -> tuple[Completion, int | None]:
+        """Generate the answer and log the exchange (blocking: one worker thread does both, so that an answer is
+        logged even when no one is left to await it). ``gone`` set (the client went away) stops generation at the
+        next token; what was generated is logged with the finish reason ``CLIENT_DISCONNECTED``."""
+        completion = self.model.generate(self.prompt_ids, self.params, on_text, gone)
+        if gone.is_set():
+            completion = replace(completion, finish_reason=CLIENT_DISCONNECTED)
+        return completion, _log_exchange(context, self.body, self.messages, completion, self.external_id, self.target)
 
 
 @router.post("/v1/chat/completions", summary="OpenAI-compatible chat completion by the generation `model` names",
@@ -177,7 +192,8 @@ class _Exchange:
                          "`stream: true` the answer comes as server-sent events; their `id` is the completion id "
                          "the exchange is logged under (the feedback endpoint takes it too), and the last event "
                          "carries `interaction_id`.")
-async def chat_completions(response: Response, state: StateDep, body: ChatCompletionRequest, token: Ingest) -> Any:
+async def chat_completions(request: Request, response: Response, state: StateDep, body: ChatCompletionRequest,
+                           token: Ingest) -> Any:
     context = state.context
     messages = _plain_messages(body)
     _check_conversation(context, body, messages)
@@ -185,6 +201,7 @@ async def chat_completions(response: Response, state: StateDep, body: ChatComple
     limiter = state.generation_limiter
     if limiter.statistics().tasks_waiting >= MAX_WAITING_GENERATIONS:
         raise Problem(503, "too many chat completions are waiting: retry shortly", headers={"Retry-After": "2"})
+    await anyio.to_thread.run_sync(context.store.check_writable)  # a locked database: 503 now, not after generating
     try:
         target, model = await anyio.to_thread.run_sync(state.pool.serve, body.model, messages)
     except ModelNotFoundError as exc:
@@ -194,13 +211,19 @@ async def chat_completions(response: Response, state: StateDep, body: ChatComple
         model.budget(len(prompt_ids), params.max_new_tokens)
     except InvalidRecordError as exc:
         raise invalid("messages", exc.reason) from None
+    params = model.sampling_defaults.fill(params, context.config.server)
     exchange = _Exchange(body, messages, target, model, prompt_ids, params, f"{CHAT_ID_PREFIX}{uuid.uuid4().hex}")
     if body.stream:
         return StreamingResponse(_stream(state, exchange), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           **provenance_headers(target)})
-    completion = await anyio.to_thread.run_sync(model.generate, prompt_ids, params, limiter=limiter)
-    interaction_id = await anyio.to_thread.run_sync(exchange.log, context, completion)
+    gone = threading.Event()
+    async with anyio.create_task_group() as watching:
+        watching.start_soon(_set_when_disconnected, request, gone)
+        completion, interaction_id = await anyio.to_thread.run_sync(exchange.answer, context, gone, limiter=limiter)
+        watching.cancel_scope.cancel()
+    if completion.finish_reason == CLIENT_DISCONNECTED:
+        raise ClientDisconnect  # no one to answer: counted as 499 (errors._client_gone)
     _count_completion(state, target, completion, stream=False)
     response.headers.update(provenance_headers(target))
     return {"id": str(interaction_id) if interaction_id is not None else exchange.external_id,
@@ -211,6 +234,13 @@ async def chat_completions(response: Response, state: StateDep, body: ChatComple
             "usage": _usage(completion)}
 
 
+async def _set_when_disconnected(request: Request, gone: threading.Event) -> None:
+    """Set ``gone`` when the client closes the connection (its body is read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
 _DONE = object()
 
 
@@ -218,7 +248,7 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
     """Server-sent events in OpenAI's chunk format; generation runs in a thread and hands text over a queue."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[Any] = asyncio.Queue()
-    cancelled = threading.Event()
+    gone = threading.Event()
     created = int(time.time())
     target = exchange.target
 
@@ -231,9 +261,9 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
     def hand_over(piece: str) -> None:  # called in the generating thread
         loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-    def generate() -> Completion:
+    def generate() -> tuple[Completion, int | None]:
         try:
-            return exchange.model.generate(exchange.prompt_ids, exchange.params, hand_over, cancelled)
+            return exchange.answer(state.context, gone, hand_over)
         finally:
             loop.call_soon_threadsafe(pieces.put_nowait, _DONE)
 
@@ -243,8 +273,7 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
         while (piece := await pieces.get()) is not _DONE:
             yield chunk({"content": piece})
         try:
-            completion = await worker
-            interaction_id = await anyio.to_thread.run_sync(exchange.log, state.context, completion)
+            completion, interaction_id = await worker
         except Exception as exc:  # noqa: BLE001 - the headers are out: report in the stream, as OpenAI does
             log.error("streamed completion %s failed", exchange.external_id, exc_info=exc)
             error = {"error": {"message": "generation failed; the service log has the details", "type": "server_error"}}
@@ -257,4 +286,4 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
                     **({"usage": _usage(completion)} if include_usage else {}))
         yield b"data: [DONE]\n\n"
     finally:
-        cancelled.set()  # the client went away (or we are done): stop generating
+        gone.set()  # the client went away (or we are done): stop generating, log what there is
