@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -32,6 +33,20 @@ TOKEN_SCOPES: tuple[str, ...] = ("ingest", "admin")
 class Message:
     role: str
     content: str
+    weight: int | None = None
+    """OpenAI fine-tuning's per-message weight: 0 on an assistant turn means "do not train on it"; None (the
+    default, and what weight 1 is stored as) trains on it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as stored and as learners read it: ``{"role", "content"}``, plus ``weight`` when set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.weight is not None:
+            out["weight"] = self.weight
+        return out
+
+    @classmethod
+    def from_dict(cls, item: Mapping[str, Any]) -> Message:
+        return cls(item["role"], item["content"], item.get("weight"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +206,27 @@ class ApiToken:
     revoked_at: datetime | None = None
 
 
+MAX_CONFLICT_IDS = 20
+"""Conflicting ids an ``IngestResult`` names (it counts them all)."""
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    feedback: int = 0
+    """Feedback items stored on rows that were already there (a row re-ingested under its id with new feedback)."""
+    conflicts: int = 0
+    """Rows whose id is stored with other messages: not written, the stored row stays."""
+    conflict_ids: tuple[str, ...] = ()
+    """The first ``MAX_CONFLICT_IDS`` of those ids."""
 
     def __add__(self, other: IngestResult) -> IngestResult:
         return IngestResult(
-            self.accepted + other.accepted, self.duplicates + other.duplicates, self.rejected + other.rejected
+            self.accepted + other.accepted, self.duplicates + other.duplicates, self.rejected + other.rejected,
+            self.feedback + other.feedback, self.conflicts + other.conflicts,
+            (self.conflict_ids + other.conflict_ids)[:MAX_CONFLICT_IDS],
         )
 
 
@@ -213,4 +240,6 @@ def content_hash(messages: tuple[Message, ...] | list[Message]) -> str:
         content = message.content.encode("utf-8")
         digest.update(f"{message.role}\0{len(content)}\0".encode())
         digest.update(content)
+        if message.weight is not None:  # an untrained turn is other training data (no text holds a NUL)
+            digest.update(f"\0weight={message.weight}\0".encode())
     return digest.hexdigest()

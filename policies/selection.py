@@ -1,6 +1,8 @@
 """Data selection: which logged interactions train the next generation, and which are held out.
 
-Feedback decides first (thumbs-down out, corrections replace the response), then length bounds, then
+Answers cut off by a departed client never train. Feedback decides next (thumbs-down out, corrections
+replace the response), then whether the service's own answers may train (``self_generated``: without it
+each generation would learn the champion's unrated answers, a loop that drifts), then length bounds, then
 exact duplicates; near-duplicates are found by the learners (faiss embeddings) and come in as
 ``drop_ids``. The held-out split hashes the interaction id, so a held-out row is held out in every
 process and every generation, and never trains any of them. Stdlib only, no I/O, no clock.
@@ -14,6 +16,12 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .records import Feedback, Interaction, Message, content_hash
+
+SELF_GENERATED_SOURCE = "api:chat"
+"""The source of the exchanges the service answered itself (``/v1/chat/completions`` logs them under it)."""
+SELF_GENERATED_POLICIES: tuple[str, ...] = ("feedback_only", "all", "never")
+CLIENT_DISCONNECTED = "client_disconnected"
+"""The ``finish_reason`` in the metadata of a partial answer whose client went away: it never trains."""
 
 HELD_OUT_SALT = "selftune-held-out-v1"
 """Part of the split hash. Changing it would move held-out rows into training: never change it."""
@@ -35,6 +43,9 @@ class SelectionConfig:
     """Drop rows whose latest score feedback is below this (unless corrected); -inf keeps every score."""
     use_corrections: bool = True
     """A corrected response replaces the logged one (and becomes a golden prompt)."""
+    self_generated: str = "feedback_only"
+    """Which of the service's own chat answers may train: "feedback_only" (those with a thumbs up, a correction,
+    or a score at or above min_score when that is set), "all", or "never"."""
     dedupe_exact: bool = True
     """Keep one row (the lowest id) of rows whose final messages are identical."""
     near_duplicate_similarity: float = 0.99
@@ -63,6 +74,9 @@ class SelectionConfig:
                 f"selection.max_total_chars = {self.max_total_chars}: use at least max_response_chars "
                 f"({self.max_response_chars})"
             )
+        if self.self_generated not in SELF_GENERATED_POLICIES:
+            choices = ", ".join(repr(p) for p in SELF_GENERATED_POLICIES)
+            out.append(f"selection.self_generated = {self.self_generated!r}: use one of {choices}")
         if math.isnan(self.min_score):
             out.append("selection.min_score = nan: use a number, or -inf to keep every score")
         if not 0.0 < self.near_duplicate_similarity <= 1.0:
@@ -212,6 +226,11 @@ def _row_for(
     interaction: Interaction, feedback: list[Feedback], config: SelectionConfig
 ) -> tuple[TrainingRow | None, str | None]:
     """The training row for one interaction, or the reason it is left out."""
+    if interaction.metadata.get("finish_reason") == CLIENT_DISCONNECTED:
+        return None, CLIENT_DISCONNECTED
+    self_generated = interaction.source == SELF_GENERATED_SOURCE
+    if self_generated and config.self_generated == "never":
+        return None, "self_generated"
     correction = _latest_correction(feedback) if config.use_corrections else None
     if correction is not None:
         messages = (*_context(interaction), Message("assistant", correction))
@@ -224,6 +243,8 @@ def _row_for(
         score = _latest(feedback, "score")
         if score is not None and score.score is not None and score.score < config.min_score:
             return None, "low_score"
+        if self_generated and config.self_generated == "feedback_only" and not _approved(thumbs, score, config):
+            return None, "self_generated_unrated"
         messages = interaction.messages
     if not any(m.role == "user" for m in messages[:-1]):
         return None, "no_prompt"
@@ -233,6 +254,15 @@ def _row_for(
     if len(response) > config.max_response_chars or sum(len(m.content) for m in messages) > config.max_total_chars:
         return None, "too_long"
     return TrainingRow(interaction.id, messages, interaction.domain, correction is not None), None
+
+
+def _approved(thumbs: Feedback | None, score: Feedback | None, config: SelectionConfig) -> bool:
+    """Positive feedback on the logged answer: a latest thumbs up, or a score that passes a set ``min_score``
+    (without one, a score's scale is unknown, so it approves nothing)."""
+    if thumbs is not None and thumbs.thumbs_up:
+        return True
+    return (score is not None and score.score is not None and math.isfinite(config.min_score)
+            and score.score >= config.min_score)
 
 
 def _context(interaction: Interaction) -> tuple[Message, ...]:

@@ -34,7 +34,10 @@ from selftune.policies.records import (
 class InteractionRepository(Protocol):
     def add_batch(self, rows: Sequence[InteractionIn]) -> IngestResult:
         """Store the rows new to their branch (with their feedback); count the rest, repeats in ``rows`` too,
-        as duplicates. Concurrent ingests of the same rows count each row once."""
+        as duplicates. Concurrent ingests of the same rows count each row once. A duplicate under an external id
+        adds its feedback that the stored row lacks (``feedback`` counts it); one whose messages differ is a
+        conflict (``conflicts``, ``conflict_ids``), not written. Past the feedback cap of an interaction:
+        ``ConflictError``."""
 
     def get(self, interaction_id: int) -> Interaction: ...
 
@@ -62,7 +65,8 @@ class InteractionRepository(Protocol):
 
 
 class FeedbackRepository(Protocol):
-    def add(self, interaction_id: int, item: FeedbackIn) -> Feedback: ...
+    def add(self, interaction_id: int, item: FeedbackIn) -> Feedback:
+        """Attach feedback; ``ConflictError`` (naming the interaction and the cap) once it holds the most allowed."""
 
     def for_interaction(self, interaction_id: int) -> list[Feedback]: ...
 

@@ -124,6 +124,14 @@ def _per_token(candidate: Mapping[str, Any], parent: Mapping[str, Any], child: A
     return {"parent": finite(before), "child": finite(child), "unit": PER_TOKEN}
 
 
+EXCLUSION_LABELS = {
+    "excluded_self_generated_unrated": "excluded: the service's own answer, no positive feedback",
+    "excluded_self_generated": "excluded: the service's own answer (selection.self_generated = never)",
+    "excluded_client_disconnected": "excluded: partial answer, its client went away",
+}
+"""Why a row was left out, where the reason's name alone would not say it."""
+
+
 def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
     """Rows by outcome (in the order they flow), new rows vs the replay pool (buffer and the foundation's
     rehearsal rows), how many training sequences
@@ -143,7 +151,8 @@ def data_mix(data: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, 
     return {"new": new, "replay_pool": pool, "rehearsal": int(data.get("rehearsal_rows") or 0),
             "replayed": replayed, "sequences": sequences,
             "replay_share": replayed / sequences if replayed is not None and sequences else None,
-            "counts": [{"key": k, "label": k.replace("excluded_", "excluded: ").replace("_", " "), "rows": counts[k]}
+            "counts": [{"key": k, "rows": counts[k],
+                        "label": EXCLUSION_LABELS.get(k) or k.replace("excluded_", "excluded: ").replace("_", " ")}
                        for k in ordered],
             "exclusions": {k.removeprefix("excluded_"): v for k, v in counts.items() if k.startswith("excluded_")}}
 

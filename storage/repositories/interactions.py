@@ -11,9 +11,10 @@ from sqlalchemy import Column, Dialect, Row, bindparam, cast, column, func, sele
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from selftune.policies.errors import InvalidRecordError, NotFoundError
+from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
 from selftune.policies.records import (
     FEEDBACK_KINDS,
+    MAX_CONFLICT_IDS,
     Feedback,
     FeedbackIn,
     IngestResult,
@@ -27,13 +28,17 @@ from .base import Repository, chunks
 
 # pg_advisory_xact_lock key that serialises ingest on PostgreSQL (see add_batch). Any fixed bigint.
 _INGEST_LOCK_KEY = 0x5E1F_7E5E
+MAX_FEEDBACK_PER_INTERACTION = 100
+"""Most feedback items one interaction may hold: selection reads only the latest of each kind, and an unbounded
+pile made every read of the interaction slow."""
+_FEEDBACK_FIELDS = ("kind", "thumbs_up", "score", "corrected_response", "chosen", "rejected", "comment")
 
 
 def _to_interaction(row: Row[Any]) -> Interaction:
     return Interaction(
         id=row.id,
         branch=row.branch,
-        messages=tuple(Message(item["role"], item["content"]) for item in row.messages),
+        messages=tuple(Message.from_dict(item) for item in row.messages),
         created_at=row.created_at,
         source=row.source,
         content_hash=row.content_hash,
@@ -57,6 +62,20 @@ def _to_feedback(row: Row[Any]) -> Feedback:
         rejected=row.rejected,
         comment=row.comment,
     )
+
+
+def _feedback_key(item: Feedback | FeedbackIn) -> tuple[Any, ...]:
+    """What makes two feedback items the same judgement (re-ingesting a row does not repeat its feedback)."""
+    return tuple(getattr(item, name) for name in _FEEDBACK_FIELDS)
+
+
+def _check_feedback_cap(interaction: str, stored: int, adding: int) -> None:
+    if stored + adding > MAX_FEEDBACK_PER_INTERACTION:
+        raise ConflictError(
+            f"{interaction} has {stored} feedback item(s); {adding} more would pass the cap of "
+            f"{MAX_FEEDBACK_PER_INTERACTION} per interaction: send only the latest judgement (selection reads the "
+            "latest thumbs, score and correction)"
+        )
 
 
 def _feedback_values(interaction_id: int, item: FeedbackIn, now: datetime) -> dict[str, Any]:
@@ -101,13 +120,19 @@ class SqlInteractionRepository(Repository):
         One multi-row ``INSERT ... ON CONFLICT (branch, dedupe_key) DO NOTHING RETURNING``: the
         database decides what is new, so concurrent ingests of the same rows count each row once.
         A row repeated inside ``rows`` is a duplicate too (the first one wins, with its feedback).
-        Feedback of accepted rows is inserted in the same transaction; a duplicate's is dropped.
+        Feedback of accepted rows is inserted in the same transaction. A duplicate with an external id
+        brings its feedback to the stored row (feedback after the fact; an item the row already has is not
+        repeated), unless its messages differ from the stored ones: then it is a conflict, counted and named,
+        and nothing of it is written. A duplicate without an id is known only by its content: its feedback
+        is dropped.
         """
         if not rows:
             return IngestResult()
         now = self.clock()
         first: dict[tuple[str, str], InteractionIn] = {}
         for row in rows:
+            if len(row.feedback) > MAX_FEEDBACK_PER_INTERACTION:
+                _check_feedback_cap(f"row {row.external_id or row.messages[0].content[:40]!r}", 0, len(row.feedback))
             first.setdefault((row.branch, row.dedupe_key), row)
         new = [
             {
@@ -115,7 +140,7 @@ class SqlInteractionRepository(Repository):
                 "branch": branch,
                 "domain": row.domain,
                 "tags": list(row.tags),
-                "messages": [{"role": msg.role, "content": msg.content} for msg in row.messages],
+                "messages": [msg.as_dict() for msg in row.messages],
                 "source": row.source,
                 "content_hash": row.content_hash,
                 "dedupe_key": key,
@@ -127,14 +152,59 @@ class SqlInteractionRepository(Repository):
             inserted = self._insert_new_postgresql(new, now)
         else:
             inserted = self._insert_new_sqlite(new, now)
-        feedback = [
-            _feedback_values(row_id, item, now)
-            for row_id, branch, key in inserted
-            for item in first[(branch, key)].feedback
-        ]
-        if feedback:
-            self.connection.execute(m.feedback.insert(), feedback)
-        return IngestResult(accepted=len(inserted), duplicates=len(rows) - len(inserted))
+        feedback = {row_id: builtins.list(first[(branch, key)].feedback) for row_id, branch, key in inserted}
+        later = self._feedback_after_the_fact(rows, first, inserted, feedback)
+        values = [_feedback_values(row_id, item, now) for row_id, items in feedback.items() for item in items]
+        if values:
+            self.connection.execute(m.feedback.insert(), values)
+        return IngestResult(accepted=len(inserted), duplicates=len(rows) - len(inserted) - later.conflicts,
+                            feedback=later.feedback, conflicts=later.conflicts,
+                            conflict_ids=later.conflict_ids[:MAX_CONFLICT_IDS])
+
+    def _feedback_after_the_fact(
+        self, rows: Sequence[InteractionIn], first: dict[tuple[str, str], InteractionIn],
+        inserted: Sequence[Row[Any]], feedback: dict[int, builtins.list[FeedbackIn]],
+    ) -> IngestResult:
+        """Add to ``feedback`` (interaction id -> items to store) the new feedback of rows repeated under an
+        external id; the result counts those items and names the rows whose messages conflict."""
+        new = {(branch, key): row_id for row_id, branch, key in inserted}
+        repeats = [row for row in rows if row.external_id is not None
+                   and (first[(row.branch, row.dedupe_key)] is not row or (row.branch, row.dedupe_key) not in new)]
+        if not repeats:
+            return IngestResult()
+        stored = {key: (row_id, first[key].content_hash) for key, row_id in new.items()}
+        stored.update(self._stored_hashes({(r.branch, r.dedupe_key) for r in repeats} - stored.keys()))
+        conflicts: builtins.list[str] = []
+        offered: dict[int, builtins.list[FeedbackIn]] = {}
+        for row in repeats:
+            row_id, content_hash = stored[(row.branch, row.dedupe_key)]
+            if row.content_hash != content_hash:
+                conflicts.append(str(row.external_id))
+            elif row.feedback:
+                offered.setdefault(row_id, []).extend(row.feedback)
+        had = SqlFeedbackRepository(self.connection, self.clock).for_interactions(builtins.list(offered))
+        added = 0
+        for row_id, items in offered.items():
+            mine = feedback.setdefault(row_id, [])
+            seen = {_feedback_key(f) for f in (*had.get(row_id, ()), *mine)}
+            fresh = [item for item in dict.fromkeys(items) if _feedback_key(item) not in seen]
+            _check_feedback_cap(f"interaction {row_id}", len(had.get(row_id, ())) + len(mine), len(fresh))
+            mine.extend(fresh)
+            added += len(fresh)
+        return IngestResult(feedback=added, conflicts=len(conflicts), conflict_ids=tuple(conflicts))
+
+    def _stored_hashes(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, str]]:
+        """(branch, dedupe key) -> (id, content hash) of stored rows, locked until the transaction ends (so that
+        concurrent feedback cannot pass the cap)."""
+        t = self.table
+        out: dict[tuple[str, str], tuple[int, str]] = {}
+        for branch in {b for b, _ in keys}:
+            for chunk in chunks(sorted(k for b, k in keys if b == branch)):
+                query = (select(t.c.id, t.c.dedupe_key, t.c.content_hash)
+                         .where(t.c.branch == branch, t.c.dedupe_key.in_(chunk)).with_for_update())
+                rows = self.connection.execute(query)
+                out.update({(branch, key): (row_id, content_hash) for row_id, key, content_hash in rows})
+        return out
 
     def _insert_new_sqlite(self, new: builtins.list[dict[str, Any]], now: datetime) -> Sequence[Row[Any]]:
         # Bind-process here, once per value, and insert through an untyped table: SQLAlchemy's own
@@ -256,8 +326,14 @@ class SqlFeedbackRepository(Repository):
     table = m.feedback
 
     def add(self, interaction_id: int, item: FeedbackIn) -> Feedback:
-        if not self._exists(m.interactions.c.id, interaction_id):
+        """Attach feedback; the interaction's row stays locked to the end of the transaction, so that concurrent
+        feedback cannot pass ``MAX_FEEDBACK_PER_INTERACTION``."""
+        interactions = m.interactions
+        locked = select(interactions.c.id).where(interactions.c.id == interaction_id).with_for_update()
+        if self.connection.execute(locked).first() is None:
             raise NotFoundError(f"interaction {interaction_id} does not exist: feedback needs an existing interaction")
+        stored = select(func.count()).where(self.table.c.interaction_id == interaction_id)
+        _check_feedback_cap(f"interaction {interaction_id}", self.connection.execute(stored).scalar_one(), 1)
         values = _feedback_values(interaction_id, item, self.clock())
         row_id = self.connection.execute(self.table.insert().returning(self.table.c.id), values).scalar_one()
         return Feedback(id=row_id, **values)

@@ -107,7 +107,9 @@ def test_the_sql_unit_of_work_offers_exactly_the_contract(store: Store) -> None:
 def test_add_batch_counts_accepted_and_duplicates_across_and_within_batches(store: Store) -> None:
     first = [chat("a"), chat("b"), chat("a"), chat("c", external_id="x1"), chat("other", external_id="x1")]
     with store.transaction(write=True) as uow:
-        assert uow.interactions.add_batch(first) == IngestResult(accepted=3, duplicates=2)
+        # "other" under the id of "c" is a conflict: counted and named, not a silent duplicate
+        assert uow.interactions.add_batch(first) == IngestResult(accepted=3, duplicates=1, conflicts=1,
+                                                                 conflict_ids=("x1",))
         assert uow.interactions.add_batch([]) == IngestResult()
     with store.transaction(write=True) as uow:
         result = uow.interactions.add_batch([chat("b"), chat("d"), chat("a", branch="fork")])
@@ -123,7 +125,8 @@ def test_reingest_is_idempotent_by_external_id_and_by_content_hash(store: Store)
     edited = [chat(f"edited {i}", external_id=f"id-{i}") for i in range(5)]  # same ids, new content
     with store.transaction(write=True) as uow:
         again = uow.interactions.add_batch(rows) + uow.interactions.add_batch(edited)
-    assert (again.accepted, again.duplicates) == (0, 15)
+    assert (again.accepted, again.duplicates, again.conflicts) == (0, 10, 5)
+    assert again.conflict_ids == tuple(f"id-{i}" for i in range(5))
     with store.transaction() as uow:
         found = uow.interactions.find_by_external_id("main", "id-3")
         assert found is not None and found.prompt == "q3"  # the first version stays
@@ -213,6 +216,31 @@ def test_feedback_attaches_to_existing_interactions_only(store: Store) -> None:
         with store.transaction(write=True) as uow:
             uow.feedback.add(row.id, FeedbackIn("stars", score=5))
     assert row_count(store, m.feedback) == 1
+
+
+def test_a_row_reingested_under_its_id_brings_its_new_feedback_and_a_changed_row_is_a_conflict(store: Store) -> None:
+    up, down = FeedbackIn("thumbs", thumbs_up=True), FeedbackIn("thumbs", thumbs_up=False)
+    fixed = FeedbackIn("correction", corrected_response="better")
+    with store.transaction(write=True) as uow:  # a new row repeated in its own batch brings its feedback too
+        assert uow.interactions.add_batch([chat("q", external_id="e1", feedback=(up,)), chat("p", external_id="e2"),
+                                           chat("p", external_id="e2", feedback=(down,))]) == IngestResult(
+            accepted=2, duplicates=1, feedback=1)
+    later = [chat("q", external_id="e1", feedback=(up, fixed)),  # up is there already: only the correction is new
+             chat("p", external_id="e2", feedback=(down, FeedbackIn("score", score=0.3))),
+             chat("p", external_id="e2", feedback=(FeedbackIn("score", score=0.3),)),
+             chat("changed", external_id="e2", feedback=(up,))]  # new messages under a stored id
+    with store.transaction(write=True) as uow:
+        assert uow.interactions.add_batch(later) == IngestResult(duplicates=3, feedback=2, conflicts=1,
+                                                                 conflict_ids=("e2",))
+    with store.transaction(write=True) as uow:
+        assert uow.interactions.add_batch(later).feedback == 0  # re-ingesting the same file adds nothing
+        e1, e2 = (uow.interactions.find_by_external_id("main", e) for e in ("e1", "e2"))
+        assert e1 is not None and e2 is not None and e2.prompt == "p"  # the stored row stays
+        stored = uow.feedback.for_interactions([e1.id, e2.id])
+    assert [(f.kind, f.thumbs_up, f.corrected_response) for f in stored[e1.id]] == [
+        ("thumbs", True, None), ("correction", None, "better")]
+    assert [(f.kind, f.thumbs_up, f.score) for f in stored[e2.id]] == [("thumbs", False, None), ("score", None, 0.3)]
+    assert stored[e1.id][1].created_at > stored[e1.id][0].created_at  # later, so the latest judgement wins
 
 
 def test_batch_feedback_is_stored_for_accepted_rows_only_and_cascades(store: Store) -> None:
