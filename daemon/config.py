@@ -14,12 +14,16 @@ import textwrap
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields, replace
+from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selftune.policies.branches import BRANCH_SECTIONS, effective_config, settings_problems
 from selftune.policies.config import BRANCH_NAME, SECTIONS, Config, field_types, value_problem
 from selftune.policies.errors import ConfigError
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.cron import CronTrigger
 
 CONFIG_FILE = "selftune.toml"
 BRANCHES_TABLE = "branches"
@@ -56,7 +60,7 @@ def load_config(path: Path | None, env: Mapping[str, str] = os.environ) -> Confi
                  for name in merged]
     problems += [p for section in sections.values() for p in section.problems()]
     if not problems:
-        problems += _branch_table_problems(Config(**sections), tables)
+        problems += _branch_table_problems(Config(**sections), tables) + _cron_problems(sections["schedule"].cron)
     if problems:
         raise ConfigError(problems, source=f"configuration {path}" if path else "configuration")
     return Config(**sections, branches=tables)
@@ -99,6 +103,48 @@ def _branch_table_problems(config: Config, tables: Mapping[str, Mapping[str, Any
                 problems += [f"[{BRANCHES_TABLE}.{name}] {p}" for p in exc.problems if p not in problems]
                 break
     return problems
+
+
+def cron_trigger(expression: str) -> CronTrigger:
+    """``schedule.cron`` as the UTC trigger the scheduler runs; a ``ConfigError`` naming the setting if APScheduler
+    refuses it (so loading the configuration refuses what the service would)."""
+    from apscheduler.triggers.cron import CronTrigger  # only when a crontab is set
+
+    try:
+        return CronTrigger.from_crontab(expression, timezone=UTC)
+    except ValueError as exc:
+        raise ConfigError([f"schedule.cron = {expression!r}: {exc}; e.g. \"0 3 * * *\" is every day at 03:00 UTC"]) \
+            from None
+
+
+def _cron_problems(expression: str) -> list[str]:
+    if expression:
+        try:
+            cron_trigger(expression)
+        except ConfigError as exc:
+            return exc.problems
+    return []
+
+
+def target_module_problems(config: Config, model_dir: Path) -> list[str]:
+    """Each ``train.target_modules`` (global, and of each ``[branches.NAME]`` table) that names no module of the
+    model in ``model_dir``: the trainer's check, made from the tensor names of its safetensors headers (no
+    weights are read)."""
+    from safetensors import safe_open  # only for a state with a model
+
+    names: set[str] = set()
+    for path in sorted(model_dir.glob("model*.safetensors")):
+        with safe_open(path, framework="numpy") as weights:
+            names.update(part for key in weights.keys() for part in key.split(".")[:-1])  # noqa: SIM118
+    if not names:
+        return []
+    listed = {"train.target_modules": config.train.target_modules} | {
+        f"[{BRANCHES_TABLE}.{name}] train.target_modules": table["train.target_modules"]
+        for name, table in config.branches.items() if "train.target_modules" in table}
+    layers = sorted(n for n in names if n.endswith("proj"))
+    return [f"{setting} = {list(modules)!r}: the foundation ({model_dir}) has no module {', '.join(missing)}; "
+            f"its linear layers: {', '.join(layers)}"
+            for setting, modules in listed.items() if (missing := [m for m in modules if m not in names])]
 
 
 def _env_overrides(env: Mapping[str, str], problems: list[str]) -> list[tuple[str, str, Any]]:

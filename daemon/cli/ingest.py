@@ -41,20 +41,34 @@ def ingest(ctx: typer.Context,
             return tx.interactions.add_batch(rows)
 
     with open_input(file) as (stream, size):
-        passes = 1 if skip_invalid else 2
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
                       disable=as_json or not err.is_terminal) as bar:
-            task = bar.add_task("ingesting", total=size * passes)
+            # One bar per pass over the file: without --skip-invalid it is checked whole before it is written.
+            if not skip_invalid:
+                bar.add_task("checking", total=size)
+            last = bar.add_task("writing", total=size)
+
+            def advance(n: int) -> None:  # a pass reads the whole file: the first unfinished bar is this pass's
+                bar.advance(next((task.id for task in bar.tasks if not task.finished), last), n)
+
             report = ingest_stream(stream, add_batch, fmt=fmt, defaults=defaults,
                                    batch_rows=context.config.storage.batch_rows, skip_invalid=skip_invalid,
-                                   progress=lambda n: bar.advance(task, n))
+                                   progress=advance)
     for error in report.errors:
         err.print(f"skipped {error}", highlight=False, markup=False)
     counts = {"accepted": report.result.accepted, "duplicates": report.result.duplicates,
               "rejected": report.result.rejected}
+    notes = {"feedback": (report.result.feedback, "new feedback on stored rows"),
+             "conflicts": (report.result.conflicts, "conflicts")}
+    counts |= {key: n for key, (n, _) in notes.items() if n}  # only when there are some: the usual shape stays
+    if report.result.conflicts:
+        err.print(f"{report.result.conflicts} row(s) reuse a stored id with other messages and were not written "
+                  f"(the stored rows stay; give an edited row a new id): {', '.join(report.result.conflict_ids)}",
+                  highlight=False, markup=False)
     if as_json:
         print(json.dumps(counts))
     else:
         console.print(f"{counts['accepted']} accepted, {counts['duplicates']} duplicates, "
-                      f"{counts['rejected']} rejected (branch {defaults.branch})")
+                      f"{counts['rejected']} rejected (branch {defaults.branch})"
+                      + "".join(f", {n} {label}" for n, label in notes.values() if n))

@@ -10,13 +10,13 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from selftune.daemon.cli.common import JsonOption, console, fail, open_context
+from selftune.daemon.cli.common import JsonOption, console, fail, open_context, print_json
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import resume_cycles, running_cycle, start_cycle
 from selftune.daemon.lineage import create_branch, set_branch_setting
 from selftune.daemon.lineage import promote as promote_generation
 from selftune.daemon.lineage import rollback as rollback_branch
-from selftune.daemon.views import branches_view, cycle_view
+from selftune.daemon.views import branches_view, cycle_view, generation_detail
 
 branch_app = typer.Typer(help="Branches: specialised lines of generations.", no_args_is_help=True)
 FINAL = ("promoted", "candidate", "rejected", "skipped", "failed", "cancelled")
@@ -38,12 +38,12 @@ def cycle(ctx: typer.Context,
         cycle_id = start_cycle(context, branch, trigger="cli").id
     if not wait:
         view = cycle_view(context, cycle_id)
-        print(json.dumps(view)) if as_json else console.print(f"cycle {cycle_id} started on branch {branch}")
+        print_json(view) if as_json else console.print(f"cycle {cycle_id} started on branch {branch}")
         return
     view = _wait(context, cycle_id, show=not as_json)
     if as_json:
-        print(json.dumps({"cycle": view["cycle"], "generation": view["generation"], "status": view["status"],
-                          "gates": view["gates"], "error": view["error"]}))
+        print_json({"cycle": view["cycle"], "generation": view["generation"], "status": view["status"],
+                    "gates": view["gates"], "error": view["error"]})
     else:
         _print_cycle(view)
     if view["status"] in ("failed", "cancelled"):
@@ -86,16 +86,26 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")]) -> None:
+def promote(ctx: typer.Context, generation: Annotated[int, typer.Argument(help="Generation id.")],
+            as_json: JsonOption = False) -> None:
     """Make a generation the champion of its branch (e.g. a candidate awaiting approval)."""
-    promoted = promote_generation(open_context(ctx), generation)
-    console.print(f"generation {promoted.id} is now the champion of branch {promoted.branch}")
+    context = open_context(ctx)
+    promoted = promote_generation(context, generation)
+    if as_json:
+        print_json(generation_detail(context, promoted.id))  # what POST /v1/generations/ID/promote answers
+    else:
+        console.print(f"generation {promoted.id} is now the champion of branch {promoted.branch}")
 
 
-def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Branch name.")]) -> None:
+def rollback(ctx: typer.Context, branch: Annotated[str, typer.Argument(help="Branch name.")],
+             as_json: JsonOption = False) -> None:
     """Move a branch's champion back to the champion's parent."""
-    champion = rollback_branch(open_context(ctx), branch)
-    console.print(f"branch {branch}: champion is generation {champion.id} again")
+    context = open_context(ctx)
+    champion = rollback_branch(context, branch)
+    if as_json:
+        print_json(generation_detail(context, champion.id))
+    else:
+        console.print(f"branch {branch}: champion is generation {champion.id} again")
 
 
 @branch_app.command("create")
@@ -103,9 +113,14 @@ def branch_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
                   from_generation: Annotated[int, typer.Option("--from", help="Generation to fork from.")],
                   domain: Annotated[list[str] | None, typer.Option(
                       help="Route interactions of this domain to the branch (repeat for several); a branch with "
-                           "domains is a specialist.")] = None) -> None:
+                           "domains is a specialist.")] = None,
+                  as_json: JsonOption = False) -> None:
     """Fork a line at a generation; its cycles use the interactions routed to it. With --domain, a specialist."""
-    branch = create_branch(open_context(ctx), name, from_generation, domain or [])
+    context = open_context(ctx)
+    branch = create_branch(context, name, from_generation, domain or [])
+    if as_json:
+        print_json(next(row for row in branches_view(context) if row["name"] == branch.name))
+        return
     routed = (f"; a specialist: interactions of domain(s) {', '.join(branch.domains)} now go to it"
               if branch.domains else "")
     console.print(f"branch {branch.name} forked from generation {from_generation}{routed}")
@@ -141,7 +156,7 @@ def branch_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     the global configuration (with where each comes from)."""
     rows = branches_view(open_context(ctx))
     if as_json:
-        print(json.dumps(rows))
+        print_json(rows)
         return
     table = Table(title="Branches")
     for column in ("name", "root", "domains", "specialist", "champion"):

@@ -88,6 +88,7 @@ def test_a_cycle_makes_a_promoted_generation(state: Path, tmp_path: Path) -> Non
     work = state / "cycles" / str(result["cycle"])  # records stay; intermediate models are dropped
     assert (work / "gate.json").exists() and (work / "train" / "adapter").exists()
     assert not (work / "merged").exists() and not (work / "train" / "checkpoint").exists()
+    assert "it/s]" not in (work / "worker.log").read_text()  # no transformers progress bars in the worker's log
     generations = json.loads(selftune(state, "generations", "--json").stdout)
     assert [(g["id"], g["status"], g["aliases"]) for g in generations] == [(0, "promoted", []), (1, "promoted", ["champion"])]
     # nothing new to learn: the next cycle is skipped, and the champion stays
