@@ -21,7 +21,7 @@ its name in the plain model; metadata says the representation and how many gener
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,12 +86,14 @@ def estimate_fisher(
     representation: str = "dense",
     bf16: bool = True,
     base_dtype: str = "bfloat16",
+    before_batch: Callable[[], None] = lambda: None,
 ) -> Fisher:
     """Diagonal empirical Fisher of the target layers: mean over batches of (dL/dW0)^2 on ``examples``.
 
     ``model_or_dir`` is a (peft or plain) causal LM, or a transformers directory to load. The base weights
     get ``requires_grad`` only for the duration; the adapter, if any, is left untouched (its effective
-    weight is what dL/dW0 measures).
+    weight is what dL/dW0 measures). ``before_batch`` runs before each batch: the training worker's stop
+    check, which raises to end an estimate that can take minutes (the model is restored either way).
     """
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation = {representation!r}: use one of {REPRESENTATIONS}")
@@ -119,6 +121,7 @@ def estimate_fisher(
             layer.weight.requires_grad_(True)
         model.eval()  # no dropout: the Fisher of the model as it will be used
         for batch in batches(examples, batch_size, pad_id):
+            before_batch()
             batch = to_device(batch, device)
             with autocast(device, bf16):
                 logits, targets = target_logits(model, batch)

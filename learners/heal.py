@@ -414,4 +414,4 @@ def _failure_fields(error: BaseException) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    jobs.exit_now(main())

@@ -20,6 +20,7 @@ A working directory holds:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -28,10 +29,12 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from selftune.policies.records import Interaction
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig, check, from_dict, to_dict
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 TRAIN_FILE = "train.jsonl"
@@ -68,7 +71,7 @@ def interaction_row(interaction: Interaction, experience: int = 0, priority: flo
     """A plain row from a stored interaction (the learner never sees the database)."""
     return {
         "id": interaction.id,
-        "messages": [{"role": m.role, "content": m.content} for m in interaction.messages],
+        "messages": [m.as_dict() for m in interaction.messages],
         "experience": experience,
         "priority": priority,
     }
@@ -191,16 +194,20 @@ class TrainingRun:
     def failure(self) -> dict[str, Any] | None:
         return read_failure(self.workdir)
 
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM: the worker checkpoints after its current step and exits with ``EXIT_STOPPED``.
+    def stop(self, timeout: float) -> int:
+        """SIGTERM: the worker checkpoints after its current step (a Fisher estimate ends at its next batch)
+        and exits with ``EXIT_STOPPED``.
 
-        If it has not exited after ``timeout`` seconds it is killed (the last periodic checkpoint remains).
+        If it has not exited after ``timeout`` seconds it is killed, and a warning says so (the last periodic
+        checkpoint remains).
         """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 return self.process.wait(timeout)
             except subprocess.TimeoutExpired:
+                log.warning("the worker of %s (pid %s) did not stop within %.3g s of SIGTERM: killed", self.workdir,
+                            self.pid, timeout)
                 self.process.kill()
         return self.process.wait()
 
@@ -262,6 +269,16 @@ def worker_main(
         return 1
     print(json.dumps({k: result[k] for k in summary}))
     return 0
+
+
+def exit_now(status: int) -> NoReturn:
+    """End a worker process (``python -m``'s last line): logs and output flushed, then ``os._exit``. Its files
+    are fsynced as they are written, and the interpreter's teardown of torch, transformers and Avalanche takes
+    seconds (5-7 s on a busy 2-core box) that a stop within ``server.stop_timeout_seconds`` cannot spare."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _row(row: dict[str, Any] | Interaction, experience: int) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Reads like a recipe: setup (job, data, model, adapter, resume), train (one Avalanche experience with
 replay and EWC), finish (replay buffer, Fisher, adapter, result). SIGTERM checkpoints after the current
-step and exits with ``EXIT_STOPPED``; a rerun resumes from the last checkpoint, bit-for-bit on the same
-machine and thread count, because batches, learning rate and RNG are all functions of the seed and step.
+step (a Fisher estimate ends at its next batch) and exits with ``EXIT_STOPPED``; a rerun resumes from the last
+checkpoint, bit-for-bit on the same machine and thread count, because batches, learning rate and RNG are all
+functions of the seed and step.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     if fisher_in is None and rehearsal_items and ewc_cfg.enabled and ewc_cfg.fisher_examples > 0:
         # No running Fisher yet (a foundation parent): anchor on the parent's own answers to general prompts,
         # estimated now, while the fresh adapter leaves the model equal to its base.
-        fisher_in = _fisher(model, rehearsal_items, cfg, ewc_cfg, pad_id)
+        fisher_in = _fisher(model, rehearsal_items, cfg, ewc_cfg, pad_id, before_batch=stop_if_requested)
         anchor = "rehearsal"
     penalty = EwcPenalty(model, fisher_in, ewc_cfg.strength) if fisher_in is not None and ewc_cfg.enabled else None
 
@@ -130,14 +131,18 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     periodic = cfg.checkpoint_every and strategy.step % cfg.checkpoint_every == 0
     if stop_requested() or (strategy.step > start_step and not periodic):
         save(strategy)  # a kill during the finish below then resumes here, without redoing steps
-    if stop_requested():
-        raise Stopped(f"stopped after training step {strategy.step}; rerun the job to finish")
+
+    def stop_finishing() -> None:  # from here on the checkpoint holds the last step: a rerun only redoes the finish
+        if stop_requested():
+            raise Stopped(f"stopped after training step {strategy.step}; rerun the job to finish")
+
+    stop_finishing()
 
     # ---- finish: Fisher of this generation folded into the running one, adapter, result
     fisher_seconds, fisher_meta = 0.0, None
     if ewc_cfg.fisher_examples > 0:
         t = time.perf_counter()
-        folded = fold_fisher(fisher_in, _fisher(model, new_items, cfg, ewc_cfg, pad_id), ewc_cfg.gamma)
+        folded = fold_fisher(fisher_in, _fisher(model, new_items, cfg, ewc_cfg, pad_id, stop_finishing), ewc_cfg.gamma)
         save_fisher(folded, workdir / jobs.FISHER_FILE)
         fisher_seconds, fisher_meta = time.perf_counter() - t, folded.meta
     _save_adapter(model, workdir / jobs.ADAPTER_DIR)
@@ -182,12 +187,15 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
     return result
 
 
-def _fisher(model: Any, items: list[Any], cfg: TrainConfig, ewc_cfg: EwcConfig, pad_id: int) -> Any:
-    """The diagonal Fisher of the target layers on a seeded sample of ``items`` (``ewc.fisher_examples``)."""
+def _fisher(model: Any, items: list[Any], cfg: TrainConfig, ewc_cfg: EwcConfig, pad_id: int,
+            before_batch: Callable[[], None]) -> Any:
+    """The diagonal Fisher of the target layers on a seeded sample of ``items`` (``ewc.fisher_examples``);
+    ``before_batch`` is the stop check (it raises ``Stopped``)."""
     sample = [items[i] for i in fisher_sample(len(items), ewc_cfg.fisher_examples, cfg.seed)]
+    print(f"estimating the Fisher on {len(sample)} examples", file=sys.stderr, flush=True)
     return estimate_fisher(model, sample, target_modules=cfg.target_modules, pad_id=pad_id,
                            batch_size=ewc_cfg.fisher_batch_size, representation=ewc_cfg.representation,
-                           bf16=cfg.bf16_autocast)
+                           bf16=cfg.bf16_autocast, before_batch=before_batch)
 
 
 def _save_adapter(model: Any, target: Path) -> None:
@@ -210,7 +218,21 @@ def _median(values: list[float]) -> float | None:
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
+UNUSED_SOLVERS = ("jax", "jaxlib", "jaxopt")
+"""Backends that qpsolvers (imported by Avalanche's GEM plugin, which we never use) tries at import: ~150 MB
+and ~0.5 s of the worker's start. Its ``quadprog`` solver, GEM's own, does not need them."""
+
+
+def skip_unused_solvers() -> None:
+    """Make importing the ``UNUSED_SOLVERS`` fail fast (None in ``sys.modules``), so qpsolvers skips them as it
+    skips any backend that is not installed. For the worker process only: it changes what the process can import."""
+    for name in UNUSED_SOLVERS:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
+    skip_unused_solvers()
+
     def stopped() -> type[BaseException]:
         from .strategy import Stopped  # Avalanche: only once the SIGTERM handler is in place (see run_job)
 
@@ -221,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    jobs.exit_now(main())

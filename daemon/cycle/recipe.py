@@ -9,7 +9,9 @@ records it in the database, so no half-made generation is ever seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +27,7 @@ from selftune.learners import jobs
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
 from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_within_budget
+from selftune.policies.config import Config
 from selftune.policies.gates import GateResult, evaluate_gates, promotion_decision
 from selftune.policies.records import CHALLENGER, Cycle
 from selftune.policies.selection import golden_prompts, select_training_data
@@ -37,7 +40,9 @@ from selftune.daemon.cycle.routing import build_routing, copy_route_index, near_
 from selftune.daemon.cycle.rows import (
     conversations, count_by_domain, interaction_row, messages, prompt_and_answer, row,
 )
-from selftune.daemon.cycle.suites import experience_rows, finite_weights_gate, foundation_suite, measure, suite_metrics
+from selftune.daemon.cycle.suites import (
+    decode_speeds, experience_rows, finite_weights_gate, foundation_suite, measure, suite_metrics,
+)
 from selftune.daemon.cycle.workdir import (
     EVALUATE_RESULT, GATE_RESULT, GENERATION_ID_FILE, HEAL_DIR, HEAL_RESULT, HEALED_DIR, INTERMEDIATES,
     MERGE_RESULT, MERGED_DIR, PROGRESS_FILE, PRUNE_RESULT, PRUNED_DIR, REHEARSAL_RESULT, REPLAY_RESULT,
@@ -47,6 +52,7 @@ from selftune.daemon.lineage import make_champion
 from selftune.daemon.reports.render import write_reports
 from selftune.daemon.views import generations_view
 
+log = logging.getLogger(__name__)
 CRASH_AT = "SELFTUNE_CRASH_AT"
 """Failpoint: a worker whose environment names a step here kills itself (SIGKILL) as that step begins."""
 STEPS = (FIRST_STEP, "replay", "train", "merge", "prune", "heal", "evaluate", "gate", "package", "promote")
@@ -132,15 +138,16 @@ def train(work: Work) -> dict[str, Any]:
 def _run_training(work: Work, workdir: Path, total_steps: int,
                   start: Callable[[Path], jobs.TrainingRun] = jobs.start_training) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Start (or resume) the job in ``workdir`` as a child process (a training job, or what ``start`` starts:
-    the heal) and watch it to the end. A job whose weights went non-finite rejects the candidate."""
+    the heal) and watch it to the end. A job whose weights went non-finite rejects the candidate. Cancelled, the
+    job checkpoints and exits, or is killed (and logged) after ``trainer_stop_timeout``."""
     run = start(workdir)
-    work.path(TRAINER_PID_FILE).write_text(str(run.pid))
     try:
+        work.path(TRAINER_PID_FILE).write_text(str(run.pid))
         while run.poll() is None:
             _report_progress(work, run.last_progress(), total_steps)
             time.sleep(1.0)
     except Cancelled:
-        run.stop()  # the trainer checkpoints, so a later resume goes on from there
+        run.stop(timeout=trainer_stop_timeout(work.config))  # a later resume goes on from its checkpoint
         raise
     result = run.result()
     if run.poll() != 0 or result is None:
@@ -153,20 +160,31 @@ def _run_training(work: Work, workdir: Path, total_steps: int,
     return result, curves
 
 
+def trainer_stop_timeout(config: Config) -> float:
+    """How long a cancelled worker waits for its trainer before killing it: three quarters of
+    ``server.stop_timeout_seconds``, so that the worker's own exit (records closed, connections disposed) still
+    ends within it."""
+    return 0.75 * config.server.stop_timeout_seconds
+
+
 def _stop_orphan_training(work: Work) -> None:
-    """A trainer left running by a killed worker is stopped (it checkpoints) before the step starts again."""
+    """A trainer left running by a killed worker is stopped (it checkpoints) before the step starts again; killed
+    if it is still there after ``server.stop_timeout_seconds``."""
     try:
         pid = int(work.path(TRAINER_PID_FILE).read_text())
         os.kill(pid, signal.SIGTERM)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return
-    for _ in range(600):
+    deadline = time.monotonic() + work.config.server.stop_timeout_seconds
+    while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    log.warning("the trainer left running (pid %s) did not stop within server.stop_timeout_seconds: killed", pid)
+    with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+        os.kill(pid, signal.SIGKILL)
 
 
 def _report_progress(work: Work, last: dict[str, Any] | None, total_steps: int) -> None:
@@ -287,6 +305,9 @@ def evaluate(work: Work) -> dict[str, Any]:
     suites = {"parent": measure(work.parent_dir, **common, **full), "candidate": candidate}
     if config.pruning.enabled and work.candidate_dir != work.path(MERGED_DIR):
         suites["unpruned"] = measure(work.path(MERGED_DIR), **common)
+    timed = {"candidate": work.candidate_dir, "unpruned": work.path(MERGED_DIR) if "unpruned" in suites else None}
+    for name, fields in decode_speeds(work.parent_dir, timed).items():  # timed together: see suites.decode_speeds
+        suites[name].update(fields)
     work.write(EVALUATE_RESULT, suites)
     return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
 

@@ -1,8 +1,9 @@
 """The cycle worker process: ``python -m selftune.daemon.cycle.worker --state S --config C CYCLE_ID``.
 
-SIGTERM (``control.cancel_cycle``) cancels the cycle: training checkpoints, the step it was in is
-recorded "cancelled", the cycle ends "cancelled" and nothing half-made becomes visible. A crash
-(even kill -9) leaves the cycle unfinished at its step; starting the worker again resumes it there.
+SIGTERM (``control.cancel_cycle``) cancels the cycle: training checkpoints (or its process is killed after
+``server.stop_timeout_seconds``), the step it was in is recorded "cancelled", the cycle ends "cancelled" and
+nothing half-made becomes visible. A crash (even kill -9) leaves the cycle unfinished at its step; starting
+the worker again resumes it there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import traceback
 from types import FrameType
 
+from selftune.learners.jobs import exit_now
 from selftune.learners.lm import set_threads  # torch: this process evaluates (the recipe loads it anyway)
 
 from selftune.daemon.context import Context
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         _end(context, args.cycle, "failed", f"{type(exc).__name__}: {exc}")
         return 1
+    finally:
+        context.store.engine.dispose()  # exit_now skips the interpreter's teardown: close the connections here
     logging.info("cycle %s finished: %s", cycle.id, cycle.outcome)
     return 0
 
@@ -60,4 +64,4 @@ def _end(context: Context, cycle_id: int, outcome: str, error: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

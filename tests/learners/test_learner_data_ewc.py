@@ -75,6 +75,31 @@ def test_fisher_does_not_touch_what_trains(fisher_and_model) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_stop_before_a_batch_ends_the_fisher_estimate_and_restores_the_model(tiny_model_dir: Path) -> None:
+    """The training worker passes its stop check as ``before_batch``: it raises, the estimate ends there."""
+    tok = load_tokenizer(tiny_model_dir)
+    items, _ = encode_rows(tok, ROWS, max_length=256)
+    model = attach_lora(load_base(tiny_model_dir, base_dtype="float32"), CFG)
+    model.train()
+    trainable = [p.requires_grad for p in model.parameters()]
+    batches_begun = []
+
+    class StopAsked(Exception):
+        pass
+
+    def before_batch() -> None:
+        batches_begun.append(len(batches_begun) + 1)
+        if len(batches_begun) == 2:
+            raise StopAsked
+
+    with pytest.raises(StopAsked):
+        estimate_fisher(model, items, target_modules=CFG.target_modules, pad_id=tok.pad_token_id, batch_size=1,
+                        bf16=False, before_batch=before_batch)
+    assert batches_begun == [1, 2]  # of 4: the estimate did not go on after the stop
+    assert [p.requires_grad for p in model.parameters()] == trainable and model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("representation", ["dense", "rank1"])
 def test_ewc_penalty_is_zero_at_start_and_grows_with_the_delta(fisher_and_model, representation, tiny_model_dir) -> None:
     fisher, _, _, _ = fisher_and_model

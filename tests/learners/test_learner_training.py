@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from selftune.learners import checkpoint, jobs
 from selftune.learners.replay import farthest_first
 from selftune.learners.strategy import Stopped
-from selftune.learners.train import run_job
+from selftune.learners.train import UNUSED_SOLVERS, run_job, skip_unused_solvers
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig
 
 TOPICS = ["gold", "silver", "neon", "argon", "kluge", "cruft", "bore", "abasement", "lambda", "tuple", "iterator", "yield"]
@@ -189,6 +190,84 @@ def test_sigterm_checkpoints_exits_143_and_resumes(tmp_path: Path, tiny_model_di
     assert run.last_progress()["step"] == state["step"]  # checkpointed right after the step it was on
     result = run_job(work)
     assert result["resumed_from_step"] == state["step"] and result["steps"] == 100
+
+
+def _wait_for_log(work: Path, text: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = (work / jobs.LOG_FILE).read_text(errors="replace")
+        if text in log:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"worker exited early ({process.returncode}): {log[-2000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"worker did not log {text!r} in {timeout} s")
+
+
+MANY = [{"id": i, "prompt": f"Tell me about thing {i}.", "response": f"Thing {i} is number {i}."} for i in range(1000)]
+SLOW_FISHER = EwcConfig(fisher_examples=len(MANY), fisher_batch_size=1)
+"""A Fisher estimate of 5-15 s here (minutes with the real model): a stop must not wait for its end."""
+
+
+def test_sigterm_during_the_final_fisher_estimate_stops_the_worker_within_seconds(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The estimate after training ends at its next batch; the checkpoint holds the last step (a rerun only redoes
+    the finish), and the worker's exit skips the interpreter's seconds-long teardown."""
+    cfg = TrainConfig(**{**FAST.__dict__, "steps": 2, "checkpoint_every": 0})
+    work = tmp_path / "job"
+    jobs.write_job(work, base_model=tiny_model_dir, train_rows=MANY, train=cfg, replay=ReplayConfig(buffer_size=0),
+                   ewc=SLOW_FISHER)
+    run = jobs.start_training(work)
+    try:
+        _wait_for_log(work, f"estimating the Fisher on {len(MANY)} examples", run.process)
+        run.process.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
+        assert run.wait(timeout=30) == jobs.EXIT_STOPPED
+        assert time.monotonic() - asked < 2.5
+    finally:
+        run.process.kill()
+    assert "stopped after training step 2" in (work / jobs.LOG_FILE).read_text()
+    assert run.result() is None and not (work / jobs.FISHER_FILE).exists()
+    assert json.loads((work / "checkpoint" / "state.json").read_text()) == {"step": 2, "steps": 2}
+
+
+def test_a_stop_during_the_anchor_fisher_estimate_ends_it_at_its_first_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Before training, a foundation parent's anchor is estimated on the rehearsal rows: a stop is seen there."""
+    work = tmp_path / "job"
+    jobs.write_job(work, base_model=tiny_model_dir, train_rows=ROWS, rehearsal_rows=MANY, train=FAST,
+                   replay=ReplayConfig(buffer_size=0), ewc=SLOW_FISHER)
+    asked: list[float] = []
+
+    def stop_requested() -> bool:  # asked before the model load, after it, then (since the fix) at the first batch
+        asked.append(time.monotonic())
+        return len(asked) > 2
+
+    with pytest.raises(Stopped, match="before training began"):
+        run_job(work, stop_requested=stop_requested)
+    assert len(asked) == 3 and asked[2] - asked[1] < 0.5  # not after the whole estimate
+    assert jobs.read_progress(work) == [] and not (work / "checkpoint").exists()
+
+
+def test_the_worker_skips_the_qp_backends_avalanche_never_uses() -> None:
+    """Avalanche's GEM plugin (unused) imports qpsolvers, which loads jax (~150 MB) unless it is blocked; GEM's own
+    solver, quadprog, still works."""
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in ("qpsolvers", *UNUSED_SOLVERS)
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    try:
+        for name in saved:
+            del sys.modules[name]
+        skip_unused_solvers()
+        import qpsolvers  # afresh, as the worker's import of Avalanche does
+
+        assert all(sys.modules[name] is None for name in UNUSED_SOLVERS)
+        assert "quadprog" in qpsolvers.available_solvers and "jaxopt_osqp" not in qpsolvers.available_solvers
+        x = qpsolvers.solve_qp(P=torch.eye(2).double().numpy(), q=-torch.ones(2).double().numpy(), solver="quadprog")
+        assert x.tolist() == pytest.approx([1.0, 1.0])
+    finally:
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 @pytest.mark.parametrize("asked_before", [1, 2, 3])  # stop asked for during the imports, the model load, the resume
