@@ -6,6 +6,8 @@ Each change is one database transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from selftune.policies.branches import effective_config, parse_value, with_setting, without_setting
 from selftune.policies.config import BRANCH_NAME, Config
@@ -35,9 +37,16 @@ def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, b
 
         from selftune.learners.foundation import materialise  # torch: only when there is work to do
 
+        from selftune.daemon.reports.render import MODEL_CARD, foundation_model_card
+
+        def fill(directory: Path) -> dict[str, Any]:
+            facts = {**materialise(source, directory), "card": foundation_card(source)}
+            card = foundation_model_card({**facts, "branch": MAIN_BRANCH})
+            (directory / MODEL_CARD).write_text(card, encoding="utf-8")
+            return facts
+
         transformers_logging.disable_progress_bar()
-        artifacts.write(FOUNDATION_ID, lambda directory: materialise(source, directory),
-                        {"parent": None, "branch": MAIN_BRANCH, "kind": "foundation"})
+        artifacts.write(FOUNDATION_ID, fill, {"parent": None, "branch": MAIN_BRANCH, "kind": "foundation"})
     manifest = artifacts.verify(FOUNDATION_ID)
     with context.store.transaction(write=True) as tx:
         tx.branches.create(MAIN_BRANCH)
@@ -49,6 +58,31 @@ def ensure_generation_zero(context: Context, source: str) -> tuple[Generation, b
         tx.branches.set_root(MAIN_BRANCH, FOUNDATION_ID)
         tx.aliases.set(MAIN_BRANCH, CHAMPION, FOUNDATION_ID)
     return generation, True
+
+
+def foundation_card(source: str) -> dict[str, Any]:
+    """What model cards say of the foundation ``source``: ``base_model`` (its Hub id, known for the embedded
+    model), ``license`` and ``language`` (a directory's: from its own README.md card, if it has one)."""
+    from huggingface_hub import ModelCard
+
+    from selftune.learners.foundation import EMBEDDED, EMBEDDED_CARD
+
+    if source == EMBEDDED:
+        return dict(EMBEDDED_CARD)
+    readme = Path(source) / "README.md"
+    if not readme.is_file():
+        return {}
+    data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    return {key: value for key in ("license", "language") if (value := getattr(data, key, None))}
+
+
+def lineage_card(context: Context) -> dict[str, Any]:
+    """The foundation's card facts as generation 0 recorded them: each generation's card repeats them."""
+    manifest = context.artifacts.verify(FOUNDATION_ID, deep=False)
+    if "card" in manifest:
+        return dict(manifest["card"])
+    source = manifest.get("source")  # a generation 0 written before it recorded them
+    return foundation_card(source) if source else {}
 
 
 def make_champion(tx: UnitOfWork, branch: str, generation_id: int, replay_buffer: list[int]) -> None:

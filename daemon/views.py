@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from selftune.policies.branches import overrides
-from selftune.policies.records import CHAMPION, Feedback, Interaction
+from selftune.policies.records import CHAMPION, Cycle, Feedback, Interaction
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.workdir import GATE_RESULT, PROGRESS_FILE, cycle_dir, read_result
@@ -71,19 +71,21 @@ def cycle_view(context: Context, cycle_id: int) -> dict[str, Any]:
     for event in events:  # a candidate refused before the gates (e.g. non-finite weights) records its gate here
         gates = gates or event.detail.get("gates", [])
     return {
-        "cycle": cycle.id,
-        "branch": cycle.branch,
-        "parent": cycle.parent_generation_id,
-        "generation": cycle.generation_id,
-        "status": cycle.outcome or "running",
-        "state": cycle.state,
-        "error": cycle.error,
+        **cycle_summary(cycle),
         "gates": gates,
         "steps": [{"step": e.step, "outcome": e.outcome, "started_at": e.started_at.isoformat(),
                    "finished_at": e.finished_at.isoformat() if e.finished_at else None, "detail": e.detail}
                   for e in events],
         "progress": read_result(directory, PROGRESS_FILE) if cycle.outcome is None else None,
     }
+
+
+def cycle_summary(cycle: Cycle) -> dict[str, Any]:
+    """A cycle as ``{"cycle", "branch", "parent", "generation", "status", "state", "error", "created_at",
+    "finished_at"}`` (``status`` as in ``cycle_view``): a row of ``GET /v1/cycles``."""
+    return {"cycle": cycle.id, "branch": cycle.branch, "parent": cycle.parent_generation_id,
+            "generation": cycle.generation_id, "status": cycle.outcome or "running", "state": cycle.state,
+            "error": cycle.error, "created_at": _time(cycle.created_at), "finished_at": _time(cycle.finished_at)}
 
 
 # -- records as JSON-ready dicts (the HTTP API answers with these) ---------------------------------------
@@ -101,7 +103,7 @@ def feedback_view(item: Feedback) -> dict[str, Any]:
 
 def interaction_view(item: Interaction, feedback: list[Feedback] | None = None) -> dict[str, Any]:
     return {"id": item.id, "external_id": item.external_id, "branch": item.branch, "domain": item.domain,
-            "tags": list(item.tags), "messages": [{"role": m.role, "content": m.content} for m in item.messages],
+            "tags": list(item.tags), "messages": [m.as_dict() for m in item.messages],
             "created_at": _time(item.created_at), "source": item.source, "metadata": item.metadata,
             "feedback": [feedback_view(f) for f in feedback or []]}
 

@@ -10,6 +10,7 @@ from typing import Any
 from selftune.learners import jobs  # light on purpose (no torch): the names inside a training job's folder
 
 from selftune.daemon.cycle.routing import routing_record
+from selftune.daemon.lineage import lineage_card
 from selftune.daemon.cycle.workdir import (
     EVALUATE_RESULT, GATE_RESULT, HEAL_RESULT, MERGE_RESULT, PRUNE_RESULT, REHEARSAL_RESULT, REPLAY_RESULT,
     SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, Work,
@@ -62,6 +63,7 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
         "routing": routing_record(work),
         "gates": verdict["gates"],
         "decision": {"action": verdict["action"], "reason": verdict["reason"]},
+        "card": lineage_card(work.context),  # the foundation's base_model, license, language: for the model card
     }
 
 

@@ -2,7 +2,7 @@
 
 ``create_app(context)`` builds it; ``selftune serve`` runs it under uvicorn beside the scheduler.
 The rooms: ``routers/`` (one per resource), ``auth`` (tokens and scopes), ``errors`` (problem+json),
-``middleware`` (body limit, metrics, draining), ``schemas`` (the documented bodies), ``state`` (what
+``middleware`` (body limit, metrics, draining, the 500), ``schemas`` (the documented bodies), ``state`` (what
 the routes share, typed).
 
 - Errors are RFC 9457 ``application/problem+json`` documents whose ``errors`` name each bad field.
@@ -22,10 +22,11 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from selftune.daemon.context import Context
 from selftune.daemon.http.errors import install_problem_handlers
-from selftune.daemon.http.middleware import BodyLimit, Draining, RequestMetrics
+from selftune.daemon.http.middleware import BodyLimit, Draining, RequestMetrics, UnexpectedErrors
 from selftune.daemon.http.routers import chat, cycles, generations, health, interactions
 from selftune.daemon.http.schemas import BODY_COMPONENTS
 from selftune.daemon.http.state import ServiceState
@@ -54,14 +55,16 @@ def create_app(context: Context, *, state: ServiceState | None = None, preload: 
         if loader is not None and not loader.done():
             loader.cancel()
 
-    app = FastAPI(title="selftune", version="1", lifespan=lifespan,
-                  description="A continual self-tuning daemon for small language models. Errors are "
-                              "application/problem+json documents whose `errors` name the bad fields.")
+    # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline wheel, not from a CDN: they work offline.
+    app = FastAPIOffline(title="selftune", version="1", lifespan=lifespan,
+                         description="A continual self-tuning daemon for small language models. Errors are "
+                                     "application/problem+json documents whose `errors` name the bad fields.")
     app.state.service = state
     install_problem_handlers(app)
     app.add_middleware(BodyLimit, context=context)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     app.add_middleware(Draining, state=state)
+    app.add_middleware(UnexpectedErrors)  # added last: the outermost
     for router in ROUTERS:
         app.include_router(router)
     _document_bodies(app)

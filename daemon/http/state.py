@@ -36,7 +36,7 @@ class ServiceState:
         """The one place the service's metrics, champion pool and router are made (the service and the tests'
         apps). The cascade's router is always wired in: with ``routing.enabled`` off (a reload may turn it on or
         off) it sends ``"auto"`` to the default branch, as it does while no specialist has a routing index."""
-        metrics = Metrics()
+        metrics = Metrics(context)
         pool = ChampionPool(context, metrics, threads=context.config.model.threads)
         router = CascadeRouter(context, pool)
         pool.models.router = router

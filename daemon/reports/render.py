@@ -2,8 +2,10 @@
 
 Per generation (rejected ones too): ``report.html`` (one self-contained page: CSS inline, plots as inline PNG,
 no external URL), ``report.md`` (for a terminal), ``report.json`` (the report model, for programs),
-``README.md`` (a Hugging Face model card) and ``plots/*.png``. Templates are jinja2 with autoescaping,
-because prompts, answers and domain names are user data.
+``README.md`` (a Hugging Face model card) and ``plots/*.png``; generation 0 has its model card only. Templates
+are jinja2 with autoescaping, because prompts, answers and domain names are user data. The cards' metadata is
+huggingface_hub's ``ModelCardData``, so it is what the Hub reads (``base_model``, ``license``, ``language`` of
+the foundation, from the manifest's ``card``; ``model-index`` with the evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from selftune.policies.records import FOUNDATION_ID
 
@@ -62,15 +64,21 @@ def markdown_report(report: Mapping[str, Any]) -> str:
 
 
 def model_card(report: Mapping[str, Any]) -> str:
-    """A Hugging Face model card: YAML front matter (tags, model-index with the evaluation metrics) and a body."""
-    front = yaml.safe_dump(model_card_metadata(report), sort_keys=False, allow_unicode=True)
+    """A Hugging Face model card: YAML front matter (``model_card_metadata``) and a body."""
     body = templates().get_template("model_card.md.j2").render(r=report)
-    return f"---\n{front}---\n\n{body}"
+    return _card(model_card_metadata(report), body)
 
 
-def model_card_metadata(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's YAML metadata: what the Hub indexes (library, pipeline, tags, metrics; losses as the report
-    shows them, their unit in the name)."""
+def foundation_model_card(manifest: Mapping[str, Any]) -> str:
+    """Generation 0's model card: what the foundation is, with its manifest's ``card`` facts; no evaluation."""
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["selftune", "foundation", f"branch-{manifest.get('branch')}"], **_foundation(manifest))
+    return _card(data, templates().get_template("foundation_card.md.j2").render(m=manifest))
+
+
+def model_card_metadata(report: Mapping[str, Any]) -> ModelCardData:
+    """The card's metadata: what the Hub indexes (the foundation as base model, its license and language;
+    library, pipeline, tags; metrics as a model-index, losses as the report shows them, their unit in the name)."""
     candidate = (report.get("metrics") or {}).get("candidate") or {}
     rows = report["forgetting"]
 
@@ -81,21 +89,25 @@ def model_card_metadata(report: Mapping[str, Any]) -> dict[str, Any]:
     measured = [*losses("new", "held-out loss on new data"), *losses("foundation", "foundation probe loss"),
                 ("accuracy", "golden prompt pass rate", candidate.get("golden_pass_rate")),
                 *losses("experience", "held-out loss on experience {}")]
-    metrics = [{"type": kind, "name": name, "value": round(float(value), 6)}
+    results = [EvalResult(task_type="text-generation", task_name="Text generation", dataset_type="selftune-held-out",
+                          dataset_name=f"held-out interactions of branch {report.get('branch')}",
+                          metric_type=kind, metric_name=name, metric_value=round(float(value), 6))
                for kind, name, value in measured if finite(value) is not None]
-    return {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["selftune", "lora", "continual-learning", f"branch-{report.get('branch')}",
-                 f"status-{report.get('status')}"],
-        "model-index": [{
-            "name": f"selftune-generation-{report['id']}",
-            "results": [{"task": {"type": "text-generation", "name": "Text generation"},
-                         "dataset": {"type": "selftune-held-out", "name": f"held-out interactions of branch "
-                                                                         f"{report.get('branch')}"},
-                         "metrics": metrics}] if metrics else [],
-        }],
-    }
+    return ModelCardData(
+        model_name=f"selftune-generation-{report['id']}", eval_results=results or None,  # no results: no model-index
+        library_name="transformers", pipeline_tag="text-generation",
+        tags=["selftune", "lora", "continual-learning", f"branch-{report.get('branch')}", f"status-{report.get('status')}"],
+        **_foundation(report))
+
+
+def _foundation(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The foundation's ``base_model``, ``license`` and ``language`` that the manifest's ``card`` knows."""
+    card = manifest.get("card") or {}
+    return {key: card[key] for key in ("base_model", "license", "language") if card.get(key)}
+
+
+def _card(data: ModelCardData, body: str) -> str:
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
 @cache

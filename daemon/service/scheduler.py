@@ -11,9 +11,12 @@ grace time; all in UTC), from ``[schedule]``:
   newer than its champion's data cutoff.
 
 Cycles run one at a time, in their own worker process (``cycle.start_cycle``), so a job only
-starts one and returns. Job targets are module-level functions with primitive arguments (the job
-store pickles a reference to them); they act on the service's ``CycleScheduler``, registered here
-when it starts. A job that fails is logged and counted, and the scheduler goes on.
+starts one and returns. Automatic cycles are on by default: ``serve`` right after an ingest of
+``min_new_interactions`` rows trains within ``check_seconds``; so the scheduler's start and every cycle it
+starts are logged as warnings that say how to turn them off (``OFF_SWITCH``). Job targets are module-level
+functions with primitive arguments (the job store pickles a reference to them); they act on the
+service's ``CycleScheduler``, registered here when it starts. A job that fails is logged and counted, and
+the scheduler goes on.
 
 APScheduler 3 must not share its job store between processes: run the scheduler in one service
 per database (see DESIGN.md, "When one machine is not enough").
@@ -31,13 +34,13 @@ from typing import Any
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from selftune.policies.config import ScheduleConfig
-from selftune.policies.errors import ConfigError, SelftuneError
+from selftune.policies.errors import SelftuneError
 from selftune.policies.records import CHAMPION, Cycle
 
+from selftune.daemon.config import cron_trigger
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import running_cycle, start_cycle
 from selftune.daemon.service.metrics import Metrics
@@ -48,6 +51,9 @@ CRON_JOB = "cycle-cron"
 INTERVAL_JOB = "cycle-interval"
 CHECK_JOB = "cycle-trigger-check"
 JOB_IDS = (CRON_JOB, INTERVAL_JOB, CHECK_JOB)
+
+OFF_SWITCH = ("to turn automatic cycles off, set enabled = false under [schedule] in {config_file} (or "
+              "SELFTUNE_SCHEDULE__ENABLED=false) and reload (SIGHUP, `systemctl reload selftune`) or restart")
 
 _active: CycleScheduler | None = None
 """The running service's scheduler: what the module-level job targets act on."""
@@ -121,6 +127,15 @@ class CycleScheduler:
         self.scheduler.start(paused=True)  # jobs stored by an earlier configuration must not fire before
         self.configure(self.context.config.schedule)  # this one has replaced or removed them
         self.scheduler.resume()
+        schedule = self.context.config.schedule
+        if schedule.enabled:
+            when = [f"a branch has {schedule.min_new_interactions} new interactions (checked every "
+                    f"{schedule.check_seconds} s)" if schedule.min_new_interactions else "",
+                    f"on the crontab {schedule.cron!r} (UTC)" if schedule.cron else "",
+                    f"every {schedule.interval_minutes} minutes" if schedule.interval_minutes else ""]
+            log.warning("automatic cycles are ON: a cycle trains the model, in a worker process using the CPUs for "
+                        "minutes, when %s; %s", " or ".join(w for w in when if w) or "a scheduled fire is due",
+                        self._off_switch())
 
     def shutdown(self) -> None:
         """Stop firing jobs now; a check that is running finishes in its thread (it only starts a process).
@@ -136,7 +151,7 @@ class CycleScheduler:
         """Make the stored jobs match ``config`` (also after a reload); returns the job ids in force."""
         wanted: dict[str, tuple[Any, Any, tuple[Any, ...]]] = {}
         if config.enabled and config.cron:
-            wanted[CRON_JOB] = (run_scheduled, _cron_trigger(config.cron), ("cron",))
+            wanted[CRON_JOB] = (run_scheduled, cron_trigger(config.cron), ("cron",))
         if config.enabled and config.interval_minutes:
             wanted[INTERVAL_JOB] = (run_scheduled, IntervalTrigger(minutes=config.interval_minutes, timezone=UTC),
                                     ("interval",))
@@ -189,10 +204,14 @@ class CycleScheduler:
         except SelftuneError as exc:  # e.g. a cycle started by the CLI in between, or the branch is gone
             log.warning("no cycle started on branch %s (%s): %s", branch, trigger, exc)
             return None
-        log.info("started cycle %s on branch %s (trigger: %s)", cycle.id, branch, trigger)
+        log.warning("AUTOMATIC CYCLE %s started on branch %s (trigger: %s): training the model now, in a worker "
+                    "process; %s", cycle.id, branch, trigger, self._off_switch())
         if self.metrics is not None:
             self.metrics.cycles_started.labels(branch, trigger.split()[-1]).inc()
         return cycle
+
+    def _off_switch(self) -> str:
+        return OFF_SWITCH.format(config_file=self.context.config_file)
 
     def _branches_with_champion(self) -> list[str]:
         with self.context.store.transaction() as tx:
@@ -207,15 +226,6 @@ class CycleScheduler:
 
     def next_runs(self) -> dict[str, datetime | None]:
         return {job.id: job.next_run_time for job in self.scheduler.get_jobs()}
-
-
-def _cron_trigger(expression: str) -> CronTrigger:
-    """The crontab expression as a UTC trigger; a ``ConfigError`` naming the setting if it is not a valid one."""
-    try:
-        return CronTrigger.from_crontab(expression, timezone=UTC)
-    except ValueError as exc:
-        raise ConfigError([f"schedule.cron = {expression!r}: {exc}; e.g. \"0 3 * * *\" is every day at 03:00 UTC"]) \
-            from None
 
 
 def _events() -> tuple[int, int]:

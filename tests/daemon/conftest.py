@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -48,6 +49,26 @@ def create_token(state: Path, scope: str) -> str:
         _, secret = tx.tokens.create(f"test-{scope}", scope)
     context.store.engine.dispose()
     return secret
+
+
+def record_finished_cycle(context: Any, branch: str, outcome: str, gates: dict[str, bool] | None = None) -> int:
+    """A finished cycle in the database, with its gate verdicts (name -> passed) in its work directory as the
+    recipe's gate step writes them: what listings and metrics read, without training anything. Its id."""
+    import json
+
+    from selftune.daemon.cycle.workdir import GATE_RESULT, cycle_dir
+
+    with context.store.transaction(write=True) as tx:
+        cycle = tx.cycles.create(branch, "done", parent_generation_id=0)
+        tx.cycles.finish(cycle.id, outcome, "the worker failed" if outcome == "failed" else None)
+    if gates is not None:
+        directory = cycle_dir(context, cycle.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        verdicts = [{"name": name, "passed": passed, "value": 1.0, "threshold": 0.5, "margin": 0.5, "reason": ""}
+                    for name, passed in gates.items()]
+        (directory / GATE_RESULT).write_text(json.dumps({"action": outcome, "status": outcome, "reason": "",
+                                                         "gates": verdicts}))
+    return cycle.id
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +165,83 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+# -- a real browser: Debian's Chromium driven by Playwright (no browser download), the network off ---------------
+
+CHROMIUM_OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+"""No host name resolves (127.0.0.1 excepted): a page that needs the internet fails as it would offline."""
+VIEWPORT = {"width": 1280, "height": 900}
+BROWSER_ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
+"""Where the browser tests save their screenshots (kept after the run, unlike pytest's tmp dirs)."""
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    """Debian's Chromium: installed with apt-get when missing (CI runs as root); a failure fails the tests."""
+    import shutil
+
+    if shutil.which("chromium") is None:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=environment)
+        install = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "fonts-dejavu-core"],
+                                 capture_output=True, text=True, env=environment)
+        if install.returncode != 0:
+            pytest.fail(f"cannot install Debian's chromium (the browser tests need it; run as root, or "
+                        f"`apt-get install chromium`):\n{update.stderr[-2000:]}\n{install.stdout[-2000:]}\n{install.stderr[-2000:]}")
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not on PATH after installing it: install Debian's chromium package")
+    return executable
+
+
+class WatchedPage:
+    """A Playwright page that records what went wrong (console errors and warnings, uncaught exceptions) and
+    the URL of every request it made."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.problems.append(f"exception: {error}"))
+        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} ({r.failure})"))
+        page.on("request", lambda r: self.requests.append(r.url))
+
+    def _console(self, message: Any) -> None:
+        if message.type in ("error", "warning", "assert"):
+            self.problems.append(f"console.{message.type}: {message.text} {message.location.get('url', '')}")
+
+    def external_requests(self, *own: str) -> list[str]:
+        """Requests to anywhere but ``own`` URL prefixes, files and data URIs."""
+        return [u for u in self.requests if not u.startswith(("file:", "data:", *own))]
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_executable: str) -> Iterator[Any]:
+    """Headless Chromium for one test module (Playwright's sync API runs its own event loop: not for longer)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=chromium_executable,
+                                              args=["--no-sandbox", "--disable-gpu", CHROMIUM_OFFLINE])
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture
+def open_page(browser: Any) -> Iterator[Callable[[str], WatchedPage]]:
+    """``open_page(url)``: a new page, watched, loaded at ``url``; closed at teardown."""
+    pages: list[WatchedPage] = []
+
+    def open_(url: str) -> WatchedPage:
+        watched = WatchedPage(browser.new_page(viewport=VIEWPORT))
+        pages.append(watched)
+        watched.page.goto(url)
+        return watched
+
+    yield open_
+    for watched in pages:
+        watched.page.close()

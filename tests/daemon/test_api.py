@@ -413,11 +413,11 @@ def test_metrics_use_selftune_names_with_units(client: TestClient, ingest: dict[
     assert 'selftune_http_requests_total{method="POST",route="/v1/interactions",status="200"}' in text
     assert "selftune_http_request_duration_seconds_bucket" in text
     assert 'selftune_interactions_ingested_total{branch="main",outcome="accepted"}' in text
-    assert 'selftune_champion_generation_id{branch="main"}' in text
+    assert re.search(r'^selftune_champion_info\{branch="main",generation="\d+"\} 1\.0$', text, re.M), text
     kinds = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE selftune_"))
     assert len(kinds) >= 10
     for name, kind in kinds.items():  # counters are exposed as NAME_total; the rest carry their unit
-        assert kind == "counter" or name.endswith(("_seconds", "_id", "_running", "_ready")), (name, kind)
+        assert kind == "counter" or name.endswith(("_seconds", "_info", "_running", "_ready")), (name, kind)
 
 
 def test_openapi_documents_every_endpoint_and_the_bearer_scheme(client: TestClient) -> None:

@@ -154,3 +154,33 @@ def test_jobs_and_the_trigger_on_postgresql(make_state: Callable[..., Path], pg_
     add_interactions(context, 3, "pg")
     assert new_interactions_due(context, "main", 3) and not new_interactions_due(context, "main", 4)
     context.store.engine.dispose()
+
+
+def test_automatic_cycles_are_announced_loudly_with_how_to_turn_them_off(
+        make_state: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    """`serve` right after an ingest trains within check_seconds: its scheduler and each cycle it starts say so
+    as warnings, with the off switch. Off, it says nothing of the kind."""
+    from selftune.daemon.cycle.control import cancel_cycle, worker_alive
+
+    context = with_schedule(Context.open(str(make_state())), min_new_interactions=3, check_seconds=30)
+    add_interactions(context, 3, "first start")
+    off_switch = f"set enabled = false under [schedule] in {context.config_file} (or SELFTUNE_SCHEDULE__ENABLED=false)"
+    with caplog.at_level("WARNING", logger="selftune.daemon.service.scheduler"):
+        run_scheduler(context)
+        started = CycleScheduler(context).check()
+    assert started is not None
+    try:
+        announced, cycle = (r.getMessage() for r in caplog.records)
+        assert announced.startswith("automatic cycles are ON: a cycle trains the model") and off_switch in announced
+        assert "when a branch has 3 new interactions (checked every 30 s)" in announced
+        assert cycle.startswith(f"AUTOMATIC CYCLE {started.id} started on branch main (trigger: 3 new interactions)")
+        assert off_switch in cycle
+    finally:
+        cancel_cycle(context, started.id)
+        deadline = time.monotonic() + 120
+        while worker_alive(context, started.id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selftune.daemon.service.scheduler"):
+        run_scheduler(with_schedule(context, enabled=False))
+    assert caplog.records == []

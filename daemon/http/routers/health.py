@@ -46,4 +46,5 @@ async def readyz(state: StateDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics_endpoint(state: StateDep) -> Response:
-    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
+    # in a thread: the cycle outcomes are read from the database
+    return Response(await anyio.to_thread.run_sync(state.metrics.exposition), media_type=CONTENT_TYPE)
