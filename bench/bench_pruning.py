@@ -4,7 +4,8 @@ Builds the case end to end with the real SmolLM2-135M unless --state names an ex
 init` (embedded default), ingest of the first 80% of python_docs, one cycle with pruning on (MLP channels
 and decoder layers scored on the branch's traffic, then a short LoRA heal), so the candidate is trained,
 pruned, healed, evaluated and gated like any generation. Then, in this process, parent and child decode the
-same prompt greedily, interleaved for --rounds rounds (same threads, same prompt, same token count),
+same prompt greedily, interleaved for --rounds rounds (``speed.compare_decode_speed``: same threads, same
+prompt, same token count),
 and a fresh process loads the child with AutoModelForCausalLM.from_pretrained. Prints one table: the
 child over its parent (the baseline) for parameters and decode speed, and the cycle's gates.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +27,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from selftune.learners.evaluate import decode_tokens_per_second, load_model, parameter_count
+from selftune.learners.evaluate import load_model, parameter_count
 from selftune.learners.lm import set_threads
+from selftune.learners.speed import compare_decode_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 SELFTUNE = str(Path(sys.executable).with_name("selftune"))
@@ -88,11 +89,10 @@ def main() -> None:
 
     set_threads(args.threads)
     parent, tokenizer = load_model(parent_dir, dtype=torch.float32)
-    child, _ = load_model(child_dir, dtype=torch.float32)
-    speeds: dict[str, list[float]] = {"parent": [], "child": []}
-    for _ in range(args.rounds):  # interleaved, so that drift of the machine's load hits both alike
-        for name, model in (("parent", parent), ("child", child)):
-            speeds[name].append(decode_tokens_per_second(model, tokenizer, new_tokens=args.new_tokens, repeats=1).tokens_per_s)
+    child, child_tokenizer = load_model(child_dir, dtype=torch.float32)
+    # interleaved, so that drift of the machine's load hits both alike
+    speed = compare_decode_speed(parent, child, tokenizer, child_tokenizer, new_tokens=args.new_tokens,
+                                 rounds=args.rounds)
     params = {"parent": parameter_count(parent), "child": parameter_count(child)}
     fresh_params = loads_in_a_fresh_process(child_dir)
 
@@ -100,10 +100,9 @@ def main() -> None:
     table = Table(title=f"generation {generation} (pruned) vs its parent {manifest['parent']} (baseline), {args.threads} thread(s)")
     for column in ("measure", "parent", "child", "child / parent"):
         table.add_column(column, justify="right")
-    median = {name: statistics.median(values) for name, values in speeds.items()}
     table.add_row("parameters", f"{params['parent']:,}", f"{params['child']:,}", f"{params['child'] / params['parent']:.3f}")
-    table.add_row("decode tokens/s (median)", f"{median['parent']:.1f}", f"{median['child']:.1f}",
-                  f"{median['child'] / median['parent']:.2f}x")
+    table.add_row("decode tokens/s (median)", f"{speed.a.tokens_per_s:.1f}", f"{speed.b.tokens_per_s:.1f}",
+                  f"{speed.ratio:.2f}x")
     pruning = manifest["pruning"]
     table.add_row("decoder layers", str(pruning.get("layers_before")), str(pruning.get("layers_after")), "")
     table.add_row("MLP intermediate size", str(pruning.get("intermediate_size_before")),
@@ -116,7 +115,7 @@ def main() -> None:
         gates.add_row(gate["name"], "yes" if gate["passed"] else "NO", _fmt(gate.get("value")), _fmt(gate.get("threshold")))
     console.print(gates)
     console.print(f"fresh process: AutoModelForCausalLM.from_pretrained({child_dir}) -> {fresh_params:,} parameters")
-    console.print(f"decode tokens/s per round: parent {speeds['parent']}, child {speeds['child']}")
+    console.print(f"decode tokens/s per round: parent {list(speed.a.runs)}, child {list(speed.b.runs)}")
     if result is not None:
         console.print(f"cycle: {json.dumps({k: result[k] for k in ('cycle', 'generation', 'status')})}; state {state}")
 

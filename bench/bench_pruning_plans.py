@@ -1,10 +1,11 @@
 """What each pruning plan costs: the foundation model pruned by several plans, no heal, against itself.
 
 SmolLM2-135M (generation 0) is scored on python_docs traffic and cut by each plan (share of decoder layers,
-share of MLP channels); for each the table gives parameters, decode tokens/s (the unpruned model timed in the
-same run is the baseline), the foundation probe loss (generation 0's own answers to the probe prompts, as
-the cycle's gate measures it) and the held-out python_docs loss. It shows how far each plan is from the
-gates (foundation probe within ``gates.max_foundation_regression`` of the parent) before any heal.
+share of MLP channels); for each the table gives parameters, decode tokens/s (timed interleaved with the
+unpruned model, the baseline: ``speed.compare_decode_speed``), the foundation probe loss (generation 0's own
+answers to the probe prompts, as the cycle's gate measures it) and the held-out python_docs loss. It shows how
+far each plan is from the gates (foundation probe within ``gates.max_foundation_regression`` of the parent)
+before any heal.
 
     .venv/bin/python bench/bench_pruning_plans.py                     # ~10 min on 2 cores
     .venv/bin/python bench/bench_pruning_plans.py --plans 0.2:0.25,0:0.25
@@ -14,7 +15,7 @@ out, the rest its traffic and training rows; layers dropped one at a time from g
 ``--budget`` on the held-out loss (``layer_dropping = "stepwise"``), then healed by distillation
 (``--heal-steps``; ``--lora-steps`` adds the LoRA heal on the same pruned model for comparison). It prints
 layers removed, parameters, held-out loss (per byte and per token) before, after the drop and after each
-heal, decode tokens/s and seconds per heal step.
+heal, decode tokens/s (each timed interleaved with generation 0) and seconds per heal step.
 
     .venv/bin/python bench/bench_pruning_plans.py --specialist hacker_jargon --heal-steps 50   # ~20 min, 1 thread
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from selftune.daemon.cycle.probes import ANSWER_TOKENS, PROBE_PROMPTS
 from selftune.learners import evaluate as ev
 from selftune.learners.lm import set_threads
 from selftune.learners.prune import held_out_loss_fn, prune_model
+from selftune.learners.speed import compare_decode_speed
 from selftune.policies.pruning import SPECIALIST_PRUNING, PruningConfig
 from selftune.policies.training import EwcConfig, ReplayConfig, TrainConfig
 
@@ -77,30 +80,36 @@ def main() -> None:
     answers = ev.complete_answers(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
     probe = [conversation(q, a) for q, a in zip(prompts, answers) if a]
 
-    def measure(m) -> tuple[int, float, float, float]:
-        return (ev.parameter_count(m), ev.decode_tokens_per_second(m, tokenizer, new_tokens=32, repeats=3).tokens_per_s,
-                ev.held_out_loss(m, tokenizer, probe, autocast=False).loss,
+    def measure(m) -> tuple[int, float, float]:
+        return (ev.parameter_count(m), ev.held_out_loss(m, tokenizer, probe, autocast=False).loss,
                 ev.held_out_loss(m, tokenizer, held_out, autocast=False).loss)
 
     console = Console(width=160)
     base = measure(model)
-    table = Table(title=f"pruning plans on SmolLM2-135M, no heal, each against the unpruned parent ({len(probe)} probe "
-                        f"answers, {len(held_out)} held-out rows, {args.threads} threads)")
-    for column in ("layers : MLP", "layers removed", "params", "ratio", "decode tok/s", "ratio",
-                   "probe loss", "change", "python loss", "change"):
-        table.add_column(column, justify="left" if column.startswith("layers") else "right", no_wrap=True)
-    table.add_row("parent", "-", f"{base[0] / 1e6:.2f}M", "1.000", f"{base[1]:.1f}", "1.00x",
-                  f"{base[2]:.3f}", "+0%", f"{base[3]:.3f}", "+0%")
+    rows, base_speeds = [], []
     for plan in args.plans.split(","):
         layers, channels = (float(x) for x in plan.split(":"))
         pruned = copy.deepcopy(model)
         _, report = prune_model(pruned, traffic, PruningConfig(enabled=True, layer_fraction=layers,
                                                                mlp_channel_fraction=channels), tokenizer, autocast=False)
-        params, speed, probe_loss, python_loss = measure(pruned)
-        table.add_row(f"{layers:g} : {channels:g}", ",".join(map(str, report["layers_removed"])) or "-", f"{params / 1e6:.2f}M",
-                      f"{params / base[0]:.3f}", f"{speed:.1f}", f"{speed / base[1]:.2f}x", f"{probe_loss:.3f}",
-                      f"{probe_loss / base[2] - 1:+.0%}", f"{python_loss:.3f}", f"{python_loss / base[3] - 1:+.0%}")
+        params, probe_loss, python_loss = measure(pruned)
+        speed = compare_decode_speed(model, pruned, tokenizer, new_tokens=32, rounds=3)
+        base_speeds.append(speed.a.tokens_per_s)
+        rows.append((f"{layers:g} : {channels:g}", ",".join(map(str, report["layers_removed"])) or "-",
+                     f"{params / 1e6:.2f}M", f"{params / base[0]:.3f}", f"{speed.b.tokens_per_s:.1f}",
+                     f"{speed.ratio:.2f}x", f"{probe_loss:.3f}", f"{probe_loss / base[1] - 1:+.0%}", f"{python_loss:.3f}",
+                     f"{python_loss / base[2] - 1:+.0%}"))
         console.print(f"plan {plan} measured", style="dim")
+    table = Table(title=f"pruning plans on SmolLM2-135M, no heal, each against the unpruned parent ({len(probe)} probe "
+                        f"answers, {len(held_out)} held-out rows, {args.threads} threads)")
+    for column in ("layers : MLP", "layers removed", "params", "ratio", "decode tok/s", "ratio",
+                   "probe loss", "change", "python loss", "change"):
+        table.add_column(column, justify="left" if column.startswith("layers") else "right", no_wrap=True)
+    base_speed = f"{statistics.median(base_speeds):.1f}" if base_speeds else "-"  # the median of its timings
+    table.add_row("parent", "-", f"{base[0] / 1e6:.2f}M", "1.000", base_speed, "1.00x",
+                  f"{base[1]:.3f}", "+0%", f"{base[2]:.3f}", "+0%")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -122,9 +131,10 @@ def specialist(args: argparse.Namespace) -> None:
 
     def measure(name: str, m) -> None:
         loss = ev.held_out_loss(m, tokenizer, report_rows, max_length=256)
-        speed = ev.decode_tokens_per_second(m, tokenizer, new_tokens=32, repeats=5).tokens_per_s
+        speed = compare_decode_speed(ev.load_model(model_dir)[0], m, tokenizer, new_tokens=32, rounds=5)  # vs gen 0
         facts[name] = {"params": ev.parameter_count(m), "layers": m.config.num_hidden_layers, "loss_per_byte": loss.loss,
-                       "loss_per_token": loss.loss_per_token, "decode_tokens_per_s": speed}
+                       "loss_per_token": loss.loss_per_token, "decode_tokens_per_s": speed.b.tokens_per_s,
+                       "decode_vs_foundation": speed.ratio}
         console.print(f"{name}: {facts[name]}", style="dim")
 
     measure("foundation", model)
@@ -173,7 +183,7 @@ def specialist(args: argparse.Namespace) -> None:
     for name, f in facts.items():
         table.add_row(name, str(f["layers"]), f"{f['params'] / 1e6:.2f}M", f"{f['loss_per_byte']:.4f}",
                       f"{f['loss_per_byte'] / base['loss_per_byte'] - 1:+.2%}", f"{f['loss_per_token']:.4f}",
-                      f"{f['decode_tokens_per_s']:.1f}", f"{f['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x")
+                      f"{f['decode_tokens_per_s']:.1f}", f"{f['decode_vs_foundation']:.2f}x")
     console.print(table)
     print(json.dumps({"layers_removed": report["layers_removed"], "stopped": report["stopped"],
                       "drop_seconds": round(drop_seconds, 1), "models": facts}, indent=1))

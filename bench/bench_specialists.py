@@ -16,8 +16,9 @@ the cycle times hold no one-time work. Those times are printed apart (SmolLM2 on
 probe and rehearsal answers ~7 min at 1 thread); a later run with the same ``--workdir`` reuses them.
 
 Printed per domain, for the parent (generation 0), the unpruned and the pruned generation: parameters and their
-ratio to the parent; decode tokens/s at batch 1, greedy, on the same held-out prompts, the three models timed
-interleaved in rounds in this process (median of every timing) and the ratio to the parent; the loss per byte of
+ratio to the parent; decode tokens/s at batch 1, greedy, on the same held-out prompts, each generation timed
+interleaved with the parent in rounds in this process (``speed.compare_decode_speed``; median of every timing) and
+the ratio to the parent; the loss per byte of
 answer text on the bench's held-out rows (each model with its own tokenizer; bf16 autocast where the CPU computes
 bf16, as the cycle's gates measure, ``--eval-fp32`` for float32: 2.4x slower, 0.02% apart on SmolLM2); the foundation
 probe loss (generation.json); the cycle's wall time; promoted or not; whether it loads with ``from_pretrained`` in a fresh
@@ -220,29 +221,31 @@ def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
 
 def measure_domain(args: argparse.Namespace, arms: dict[str, dict[str, Any]], held_out: list[dict[str, Any]],
                    max_length: int) -> dict[str, dict[str, Any]]:
-    """Parent, unpruned and pruned in this process: parameters, decode tokens/s (interleaved rounds), held-out loss;
-    then each generation loaded in a fresh process."""
+    """Parent, unpruned and pruned in this process: parameters, decode tokens/s (each generation interleaved with the
+    parent, in rounds), held-out loss; then each generation loaded in a fresh process."""
     from selftune.learners import evaluate as ev
+    from selftune.learners.speed import compare_decode_speed
 
     dirs = {"parent": next((a["parent_path"] for a in arms.values() if "parent_path" in a), None),
             **{arm: facts.get("path") for arm, facts in arms.items()}}
     loaded = {name: ev.load_model(path) for name, path in dirs.items() if path}
     prompts = [r["prompt"] for r in held_out[: args.prompts]]
     runs: dict[str, list[float]] = {name: [] for name in loaded}
-    for model, tokenizer in loaded.values():  # warm-up, not counted
-        ev.decode_tokens_per_second(model, tokenizer, prompts[0], new_tokens=args.new_tokens, repeats=1, warmup=1)
-    for _ in range(args.timing_rounds):
-        for name, (model, tokenizer) in loaded.items():  # A, B, C, A, B, C, ...
-            for prompt in prompts:
-                speed = ev.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=args.new_tokens, repeats=1,
-                                                    warmup=0)
-                runs[name].append(speed.tokens_per_s)
+    reference, *others = loaded  # the parent, when there is one
+    reference_model, reference_tokenizer = loaded[reference]
+    for name in others:  # each timed with the reference: A, B, B, A, ...
+        model, tokenizer = loaded[name]
+        speed = compare_decode_speed(reference_model, model, reference_tokenizer, tokenizer, prompts=prompts,
+                                     new_tokens=args.new_tokens, rounds=args.timing_rounds)
+        runs[reference] += speed.a.runs
+        runs[name] += speed.b.runs
     rows = [conversation(r) for r in held_out]
     out = {}
     for name, (model, tokenizer) in loaded.items():
         loss = ev.held_out_loss(model, tokenizer, rows, max_length=max_length, autocast=not args.eval_fp32)
         out[name] = {"path": dirs[name], "params": ev.parameter_count(model), "layers": model.config.num_hidden_layers,
-                     "vocab": model.config.vocab_size, "decode_tokens_per_s": statistics.median(runs[name]),
+                     "vocab": model.config.vocab_size,
+                     "decode_tokens_per_s": statistics.median(runs[name]) if runs[name] else None,
                      "decode_runs": [round(r, 1) for r in runs[name]], "loss_per_byte": loss.loss,
                      "loss_per_token": loss.loss_per_token, "held_out_rows": loss.rows}
     del loaded

@@ -1,4 +1,4 @@
-"""Evaluation: held-out loss and perplexity, choice likelihood, greedy answers, decode speed, size.
+"""Evaluation: held-out loss and perplexity, choice likelihood, greedy answers, size (decode speed: ``speed``).
 
 Plain functions over a model, its tokenizer and data. Losses count the tokens of every assistant turn, in
 the model's own chat template (``chat.encode_chat``, the encoder training uses), summed over the whole set
@@ -12,9 +12,7 @@ too); log-probabilities are taken in float32.
 from __future__ import annotations
 
 import math
-import statistics
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -33,8 +31,6 @@ from .chat import (
 )
 from .data import Encoded, batches
 from .lm import autocast, target_logits, to_device
-
-DEFAULT_SPEED_PROMPT = "Explain, step by step, how a hash table handles collisions."
 
 
 @dataclass(frozen=True)
@@ -74,18 +70,6 @@ class ChoiceResult:
     total: int
     best: tuple[int, ...]
     """The best-scoring choice of each item."""
-
-
-@dataclass(frozen=True)
-class DecodeSpeed:
-    tokens_per_s: float
-    """Median over repeats of decode-only throughput (prefill subtracted)."""
-    new_tokens: int
-    runs: tuple[float, ...]
-    """Each repeat's tokens/s."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"tokens_per_s": self.tokens_per_s, "new_tokens": self.new_tokens, "runs": list(self.runs)}
 
 
 # ---- loading and size ----------------------------------------------------------------------------
@@ -245,6 +229,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 BYTE_LEVEL_CHARS = frozenset(_bytes_to_unicode().values())
 """The 256 characters of the byte-level alphabet: each stands for exactly one byte."""
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _byte_level_length(piece: str) -> int:
@@ -255,6 +240,17 @@ def _byte_level_length(piece: str) -> int:
 def _is_byte_level(tokenizer: Any) -> bool:
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     return isinstance(decoder, decoders.ByteLevel)
+
+
+def token_bytes(tokenizer: Any, token_ids: Sequence[int]) -> list[bytes]:
+    """Each token's own UTF-8 bytes (OpenAI's logprobs ``bytes``): exact for a byte-level BPE tokenizer, even for a
+    token that splits a character; other tokenizers' tokens as they decode alone."""
+    if not _is_byte_level(tokenizer):
+        return [tokenizer.decode([i], clean_up_tokenization_spaces=False).encode("utf-8") for i in token_ids]
+    added, byte_of = tokenizer.added_tokens_decoder, _BYTE_OF_CHAR
+    return [added[i].content.encode("utf-8") if i in added else
+            b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode("utf-8") for c in piece)
+            for i, piece in zip(token_ids, tokenizer.convert_ids_to_tokens(list(token_ids)))]
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -310,7 +306,7 @@ def choice_accuracy(
     return ChoiceResult(accuracy, passed, len(items), tuple(best))
 
 
-# ---- generation and speed ------------------------------------------------------------------------
+# ---- generation ----------------------------------------------------------------------------------
 
 
 def generate_answers(
@@ -366,47 +362,6 @@ def greedy_generate(
             new = row[width:]
             out_rows.append((tokenizer.decode(new, skip_special_tokens=True).strip(), any(t in stops for t in new)))
     return out_rows
-
-
-@torch.inference_mode()
-def decode_tokens_per_second(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    prompt: str = DEFAULT_SPEED_PROMPT,
-    new_tokens: int = 32,
-    repeats: int = 3,
-    warmup: int = 1,
-    autocast: bool = False,
-) -> DecodeSpeed:
-    """Greedy decode throughput: (N-1) / (time for N new tokens - time for 1), median over repeats.
-
-    Subtracting a one-token run removes the prefill, so this is the per-token cost a user waits for.
-    End-of-sequence is ignored so that every run decodes exactly N tokens.
-    """
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens = {new_tokens}: measure at least 2 tokens")
-    device = next(model.parameters()).device
-    ids = torch.tensor([generation_prompt_ids(tokenizer, prompt)], device=device)
-
-    def timed(n: int) -> float:
-        with autocast_for(model, autocast):
-            start = time.perf_counter()
-            model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=pad_id(tokenizer),
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
-
-    for _ in range(warmup):
-        timed(new_tokens)
-    runs = []
-    for _ in range(repeats):
-        prefill = timed(1)
-        full = timed(new_tokens)
-        runs.append((new_tokens - 1) / max(full - prefill, 1e-9))
-    return DecodeSpeed(statistics.median(runs), new_tokens, tuple(runs))
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

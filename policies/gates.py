@@ -88,7 +88,11 @@ class SuiteMetrics:
     golden_count: int = 0
     """How many golden prompts the pass rate is over."""
     decode_tokens_per_s: float | None = None
-    """Greedy decode speed on this machine; None if not measured."""
+    """Greedy decode speed on this machine; None if not measured. A candidate's and its parent's are timed
+    together, interleaved (``learners.speed``), so that the machine's load falls on both alike."""
+    same_shapes_as_parent: bool = False
+    """A candidate whose parameters have its parent's names, shapes and dtypes: the same work per token, so its
+    speed is the parent's by construction and the speed gate does not apply (whatever the timing says)."""
     loss_unit: str = LOSS_UNIT
     """The unit of the losses above. ``from_dict`` reads a record without one as ``PER_TOKEN_LOSS_UNIT`` (it was
     written per token), so that an old number is never compared with a per-byte one as if it were one."""
@@ -102,6 +106,7 @@ class SuiteMetrics:
             "golden_pass_rate": self.golden_pass_rate,
             "golden_count": self.golden_count,
             "decode_tokens_per_s": self.decode_tokens_per_s,
+            "same_shapes_as_parent": self.same_shapes_as_parent,
             "loss_unit": self.loss_unit,
         }
 
@@ -115,6 +120,7 @@ class SuiteMetrics:
             golden_pass_rate=_optional_float(data.get("golden_pass_rate")),
             golden_count=int(data.get("golden_count") or 0),
             decode_tokens_per_s=_optional_float(data.get("decode_tokens_per_s")),
+            same_shapes_as_parent=bool(data.get("same_shapes_as_parent")),
             loss_unit=str(data.get("loss_unit") or PER_TOKEN_LOSS_UNIT),
         )
 
@@ -212,7 +218,7 @@ def evaluate_gates(
         )
     results.append(_golden_gate(candidate, config.min_golden_pass_rate))
     results.append(_params_gate(candidate.params, parent.params, config.max_params_ratio))
-    results.append(_speed_gate(candidate.decode_tokens_per_s, parent.decode_tokens_per_s, config.min_decode_speed_ratio))
+    results.append(_speed_gate(candidate, parent, config.min_decode_speed_ratio))
     return results
 
 
@@ -301,7 +307,12 @@ def _params_gate(candidate: int, parent: int, maximum: float) -> GateResult:
     )
 
 
-def _speed_gate(candidate: float | None, parent: float | None, minimum: float) -> GateResult:
+def _speed_gate(candidate_suite: SuiteMetrics, parent_suite: SuiteMetrics, minimum: float) -> GateResult:
+    candidate, parent = candidate_suite.decode_tokens_per_s, parent_suite.decode_tokens_per_s
+    if candidate_suite.same_shapes_as_parent:  # timing noise, or another process's load, is all a ratio could show
+        timed = f" (timed {parent:.1f} -> {candidate:.1f} tokens/s)" if candidate and parent else ""
+        return GateResult("decode_speed_ratio", True, None, minimum, None,
+                          f"not applicable: same shapes as the parent, so the same speed by construction{timed}")
     if candidate is None or parent is None:
         if minimum <= 0.0:
             return GateResult("decode_speed_ratio", True, None, minimum, None, "decode speed not measured: no budget set")

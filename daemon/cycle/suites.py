@@ -8,11 +8,13 @@ beside them under ``*_per_token`` keys, for reading, not for the gates.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 # torch and transformers load at import: only the cycle's worker imports this module.
 from selftune.learners import evaluate as ev
+from selftune.learners.speed import compare_decode_speed
 from selftune.policies.errors import NotFoundError
 from selftune.policies.gates import LOSS_UNIT, PER_TOKEN_LOSS_UNIT, GateResult, SuiteMetrics
 
@@ -27,7 +29,8 @@ def measure(directory: Path, *, held_out: list[dict[str, Any]], max_length: int,
             earlier: dict[str, list[dict[str, Any]]] | None = None, probe: list[Any] | None = None,
             golden: list[dict[str, Any]] = (), samples: int = 0) -> dict[str, Any]:
     """One model's suite: held-out loss on the new rows (cut at ``max_length``, as training cuts them), on each
-    earlier experience and on the foundation probe; golden prompts; parameters; decode speed; sample answers."""
+    earlier experience and on the foundation probe; golden prompts; parameters; sample answers. (Decode speed is
+    timed for two models together: ``decode_speeds``.)"""
     model, tokenizer = ev.load_model(directory)
     non_finite = ev.first_non_finite_parameter(model)
     if non_finite:  # nothing to score: a broken model is rejected, not measured
@@ -49,9 +52,28 @@ def measure(directory: Path, *, held_out: list[dict[str, Any]], max_length: int,
         "golden_pass_rate": ev.choice_accuracy(model, tokenizer, choices).accuracy if choices else None,
         "golden_count": len(choices),
         "params": ev.parameter_count(model),
-        "decode_tokens_per_s": ev.decode_tokens_per_second(model, tokenizer).tokens_per_s,
         "samples": _samples(model, tokenizer, held_out[:samples]) if samples else [],
     }
+
+
+def decode_speeds(parent_dir: Path, timed: Mapping[str, Path | None]) -> dict[str, dict[str, Any]]:
+    """Decode tokens/s of the parent and of each model in ``timed`` (by suite name; None: not timed), as suite
+    fields. Each is timed interleaved with the parent (``speed.compare_decode_speed``), so that another process's
+    load falls on both alike, and records whether it has the parent's shapes (then the speed gate does not apply).
+
+    Two models are in memory at a time: the parent and the one timed against it."""
+    parent, parent_tokenizer = ev.load_model(parent_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for name, directory in timed.items():
+        if directory is None:
+            continue
+        model, tokenizer = ev.load_model(directory)
+        comparison = compare_decode_speed(parent, model, parent_tokenizer, tokenizer)
+        del model  # before the next one loads
+        out.setdefault("parent", {"decode_tokens_per_s": comparison.a.tokens_per_s})
+        out[name] = {"decode_tokens_per_s": comparison.b.tokens_per_s, "same_shapes_as_parent": comparison.same_shapes,
+                     "decode_speed": comparison.to_dict()}
+    return out
 
 
 def suite_metrics(values: dict[str, Any]) -> SuiteMetrics:

@@ -122,6 +122,24 @@ def test_no_golden_prompts_is_not_applicable_and_unmeasured_speed_fails_when_bud
     assert speed.passed
 
 
+def test_the_speed_gate_does_not_apply_to_a_candidate_with_its_parents_shapes() -> None:
+    # Issue 17: a default cycle rejected at 0.66x (10.6 -> 7.0 tokens/s) while another process was busy, though the
+    # candidate had exactly its parent's shapes: its speed was the parent's by construction.
+    parent = SuiteMetrics.from_dict(PARENT.to_dict() | {"decode_tokens_per_s": 10.6})
+    same = by_name(evaluate_gates(candidate(decode_tokens_per_s=7.0, same_shapes_as_parent=True), parent, CONFIG))
+    gate = same["decode_speed_ratio"]
+    assert gate.passed and gate.value is None and gate.margin is None and gate.threshold == 0.8
+    assert gate.reason == ("not applicable: same shapes as the parent, so the same speed by construction "
+                           "(timed 10.6 -> 7.0 tokens/s)")
+    assert gate.to_dict()["reason"].startswith("not applicable")  # what the record and the report show
+    assert promotion_decision(list(same.values()), auto_promote=True).action == "promote"
+    # with other shapes (or a record from before shapes were recorded) the ratio is gated as before
+    other = by_name(evaluate_gates(candidate(decode_tokens_per_s=7.0), parent, CONFIG))["decode_speed_ratio"]
+    assert not other.passed and other.value == pytest.approx(7.0 / 10.6) and "at least 0.80x required" in other.reason
+    old = {k: v for k, v in candidate(decode_tokens_per_s=7.0).to_dict().items() if k != "same_shapes_as_parent"}
+    assert not SuiteMetrics.from_dict(old).same_shapes_as_parent
+
+
 def test_promotion_decision() -> None:
     passing = [GateResult("a", True, 0.1, 0.0, 0.1, "ok"), GateResult("b", True, 1.0, 1.0, 0.0, "ok")]
     assert promotion_decision(passing, auto_promote=True).status == "promoted"
