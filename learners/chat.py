@@ -1,7 +1,8 @@
 """Conversations as the model sees them: the one chat encoder, and the token ids every generation needs.
 
 The encoder (``encode_chat``) serves training, evaluation and the Fisher estimate alike. Its label mask:
-every assistant turn is a target, its end-of-turn token included; system, user and template tokens are
+every assistant turn is a target, its end-of-turn token included, unless it has ``weight`` 0 (OpenAI
+fine-tuning's "do not train on this turn": it stays as context); system, user and template tokens are
 ``IGNORE_INDEX`` (and so is padding, in a batch). Training learns exactly the tokens that evaluation
 scores, so on a multi-turn row the training loss and the held-out loss measure the same thing.
 
@@ -18,12 +19,12 @@ from selftune.policies.records import Message
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, template, padding)."""
 
-Conversation = Sequence[Union[Message, Mapping[str, str]]]
+Conversation = Sequence[Union[Message, Mapping[str, Any]]]
 Row = Union[Mapping[str, Any], tuple[str, str], Conversation]
 """A learner row (``{"messages": [...]}`` or ``{"prompt", "response"}``), a (prompt, response) pair, or messages."""
 
 
-def as_messages(row: Row) -> list[dict[str, str]]:
+def as_messages(row: Row) -> list[dict[str, Any]]:
     """A row as chat-template messages; the last one must be the assistant's answer."""
     if isinstance(row, Mapping):
         if "messages" in row:
@@ -42,17 +43,17 @@ def as_messages(row: Row) -> list[dict[str, str]]:
     return messages
 
 
-def conversation_messages(messages: Conversation) -> list[dict[str, str]]:
-    """``Message`` objects or mappings as plain ``{"role", "content"}`` dicts."""
+def conversation_messages(messages: Conversation) -> list[dict[str, Any]]:
+    """``Message`` objects or mappings as plain ``{"role", "content"}`` dicts (plus ``weight``, where set)."""
     return [
-        {"role": m.role, "content": m.content} if isinstance(m, Message)
-        else {"role": str(m["role"]), "content": str(m["content"])}
+        (m if isinstance(m, Message) else Message(str(m["role"]), str(m["content"]), m.get("weight"))).as_dict()
         for m in messages
     ]
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn token included).
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its trained assistant turns (end-of-turn token
+    included; a turn with ``weight`` 0 has none).
 
     Each turn's span starts where the template's generation prompt for it ends and stops where the
     template's rendering of that turn ends, trailing whitespace excluded: exactly what the model must
@@ -64,7 +65,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
     full = render(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:
             continue
         prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         turn = render(messages[: i + 1], tokenize=False)
@@ -83,7 +84,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
 
 
 def encode_chat(tokenizer: Any, row: Row, max_length: int = 512) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and its labels: the ids on every assistant turn, -100 elsewhere.
+    """Token ids of a conversation and its labels: the ids on every trained assistant turn, -100 elsewhere.
 
     The sequence ends with the last assistant turn (what a template renders after it carries no loss and,
     the model being causal, changes no logit before it) and is cut to its first ``max_length`` tokens: a

@@ -1,7 +1,13 @@
 """Turning one decoded input row into a validated ``InteractionIn``: formats, detection, checks.
 
-Three formats, detected per row by their keys or forced with ``fmt``:
-- ``openai``: ``{"messages": [{"role": ..., "content": ...}, ...]}``
+Four formats, detected per row by their keys or forced with ``fmt``:
+- ``openai``: ``{"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...]}``, as OpenAI's fine-tuning files
+  have them: ``developer`` is read as ``system``, list-form content as its text parts joined, and ``weight: 0`` on
+  an assistant message keeps that turn out of the training labels (weight 1, the default, is not stored). Tool
+  calls are refused, naming the message: selftune does not train on tool use.
+- ``preference``: OpenAI's preference rows, ``{"input": {"messages": [...]}, "preferred_output": [assistant
+  message], "non_preferred_output": [assistant message]}``: the input and the preferred answer are the
+  interaction, and the pair is its ``preference`` feedback (chosen/rejected).
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
 - ``prompt``: ``{"prompt": ..., "response": ..., "system"?: ...}``
 Every format also takes ``id`` (or ``external_id``), ``domain``, ``tags`` and ``feedback``; other
@@ -22,11 +28,15 @@ from typing import Any
 from .errors import InvalidRecordError
 from .records import ROLES, FeedbackIn, InteractionIn, Message
 
-FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "prompt")
+FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "prompt", "preference")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+OPENAI_ROLES = {**{role: role for role in ROLES}, "developer": "system"}
+TOOL_ROLES = ("tool", "function")
+TOOL_KEYS = ("tool_calls", "function_call")
 COMMON_KEYS = {"id", "external_id", "domain", "tags", "feedback"}
-FORMAT_KEYS = {"openai": {"messages"}, "sharegpt": {"conversations"}, "prompt": {"prompt", "response", "system"}}
+FORMAT_KEYS = {"openai": {"messages"}, "sharegpt": {"conversations"}, "prompt": {"prompt", "response", "system"},
+               "preference": {"input", "preferred_output", "non_preferred_output"}}
 KNOWN_KEYS = {fmt: frozenset(COMMON_KEYS | keys) for fmt, keys in FORMAT_KEYS.items()}
 MAX_ID_CHARS = 256
 MAX_LABEL_CHARS = 64
@@ -60,9 +70,11 @@ def detect_format(row: dict[str, Any]) -> str:
         return "sharegpt"
     if "prompt" in row or "response" in row:
         return "prompt"
+    if "preferred_output" in row or "non_preferred_output" in row:  # not "input" alone: Alpaca rows have one
+        return "preference"
     raise InvalidRecordError(
         f"unknown row format with keys {sorted(row)[:8]}: expected 'messages' (OpenAI chat), "
-        "'conversations' (ShareGPT) or 'prompt' and 'response'"
+        "'conversations' (ShareGPT), 'prompt' and 'response', or 'input' and 'preferred_output' (OpenAI preference)"
     )
 
 
@@ -79,6 +91,9 @@ def parse_row(row: Any, fmt: str = "auto", defaults: RowDefaults = RowDefaults()
     for key in extra_keys:
         _check_json(row[key], repr(key))
     domain = _label(row.get("domain", defaults.domain), "domain")
+    feedback = parse_feedback(row["feedback"]) if row.get("feedback") is not None else ()
+    if fmt == "preference":
+        feedback += (_preference(row, messages[-1].content),)
     return InteractionIn(
         messages=messages,
         branch=defaults.routes.get(domain, defaults.branch) if domain else defaults.branch,
@@ -86,16 +101,71 @@ def parse_row(row: Any, fmt: str = "auto", defaults: RowDefaults = RowDefaults()
         tags=_tags(row["tags"]) if "tags" in row else (),
         external_id=_external_id(row.get("id", row.get("external_id"))),
         source=defaults.source,
-        feedback=parse_feedback(row["feedback"]) if row.get("feedback") is not None else (),
+        feedback=feedback,
         metadata={k: row[k] for k in sorted(extra_keys)} if extra_keys else {},
     )
 
 
-def _openai_messages(row: dict[str, Any]) -> tuple[Message, ...]:
+def _openai_messages(row: dict[str, Any], name: str = "messages") -> tuple[Message, ...]:
     items = row.get("messages")
     if not isinstance(items, list):
-        raise InvalidRecordError("'messages' must be a list of {\"role\", \"content\"} objects")
-    return tuple(_message(m, i, "role", "content", None) for i, m in enumerate(items))
+        raise InvalidRecordError(f"'{name}' must be a list of {{\"role\", \"content\"}} objects")
+    return tuple(_openai_message(m, i) for i, m in enumerate(items))
+
+
+def _openai_message(item: Any, index: int) -> Message:
+    """One OpenAI message: tool use refused by name, list-form content joined, ``weight`` checked."""
+    if isinstance(item, dict) and (item.get("role") in TOOL_ROLES or any(item.get(k) for k in TOOL_KEYS)):
+        what = f"role {item['role']!r}" if item.get("role") in TOOL_ROLES else \
+            f"'{next(k for k in TOOL_KEYS if item.get(k))}'"
+        raise InvalidRecordError(f"message {index} is a tool call or result ({what}): selftune does not train on "
+                                 "tool use; drop the row, or its tool messages")
+    if isinstance(item, dict) and isinstance(item.get("content"), list):
+        item = {**item, "content": _text_parts(item["content"], f"message {index}")}
+    message = _message(item, index, "role", "content", OPENAI_ROLES)
+    weight = item.get("weight")
+    if weight is None:
+        return message
+    if weight not in (0, 1) or isinstance(weight, bool) or message.role != "assistant":
+        raise InvalidRecordError(f"message {index}: weight {weight!r} must be 0 (do not train on this turn) or 1, "
+                                 "and only on an assistant message")
+    return Message(message.role, message.content, 0) if weight == 0 else message
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    """List-form content (``[{"type": "text", "text": ...}, ...]``) as its text; other parts are refused."""
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _kind(part)
+            raise InvalidRecordError(f"{where}: content part {j} is {kind!r}: only text parts "
+                                     "({\"type\": \"text\", \"text\": ...}) are supported")
+    return "".join(part["text"] for part in parts)
+
+
+def _preference_messages(row: dict[str, Any]) -> tuple[Message, ...]:
+    """The input's messages and the preferred answer."""
+    if not isinstance(row.get("input"), dict):
+        raise InvalidRecordError(f"'input' must be an object with 'messages', got {_kind(row.get('input'))}")
+    prompt = _openai_messages(row["input"], "input.messages")
+    return prompt + (_single_answer(row, "preferred_output"),)
+
+
+def _single_answer(row: dict[str, Any], key: str) -> Message:
+    value = row.get(key)
+    if not isinstance(value, list) or len(value) != 1:
+        raise InvalidRecordError(f"'{key}' must be a list of one assistant message, got {_kind(value)}")
+    try:
+        message = _openai_message(value[0], 0)
+    except InvalidRecordError as exc:
+        raise InvalidRecordError(f"'{key}': {exc.reason}") from None
+    if message.role != "assistant" or not message.content.strip():
+        raise InvalidRecordError(f"'{key}' must hold a non-empty assistant message, got role {message.role!r}")
+    return message
+
+
+def _preference(row: dict[str, Any], chosen: str) -> FeedbackIn:
+    rejected = check_text(_single_answer(row, "non_preferred_output").content, "'non_preferred_output'")
+    return FeedbackIn("preference", chosen=chosen, rejected=rejected)
 
 
 def _sharegpt_messages(row: dict[str, Any]) -> tuple[Message, ...]:
@@ -116,7 +186,8 @@ def _prompt_messages(row: dict[str, Any]) -> tuple[Message, ...]:
     return head + (Message("user", row["prompt"]), Message("assistant", row["response"]))
 
 
-_MESSAGE_READERS = {"openai": _openai_messages, "sharegpt": _sharegpt_messages, "prompt": _prompt_messages}
+_MESSAGE_READERS = {"openai": _openai_messages, "sharegpt": _sharegpt_messages, "prompt": _prompt_messages,
+                    "preference": _preference_messages}
 
 
 def _message(item: Any, index: int, role_key: str, content_key: str, role_map: dict[str, str] | None) -> Message:
@@ -136,6 +207,8 @@ def _check_messages(messages: tuple[Message, ...], max_chars: int) -> None:
         raise InvalidRecordError("no user message: an interaction needs a prompt")
     if messages[-1].role != "assistant" or not messages[-1].content.strip():
         raise InvalidRecordError("the last message must be a non-empty assistant response")
+    if all(m.weight == 0 for m in messages if m.role == "assistant"):
+        raise InvalidRecordError("every assistant message has weight 0: the row has nothing to train on")
     for i, m in enumerate(messages):
         if len(m.content) > max_chars:
             raise InvalidRecordError(

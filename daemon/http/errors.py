@@ -47,8 +47,15 @@ class Problem(Exception):
         """More members of the problem document (e.g. ``models``: the names that work)."""
 
 
-def invalid(field: str, message: str) -> Problem:
-    return Problem(422, f"{field}: {message}", [{"field": field, "message": message}])
+def invalid(field: str, message: str, code: str | None = None) -> Problem:
+    return Problem(422, f"{field}: {message}", [{"field": field, "message": message}], code=code)
+
+
+def validation_problem(exc: RequestValidationError) -> Problem:
+    """FastAPI's validation error as a Problem naming each bad field."""
+    errors = [{"field": _field_name(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]) or "invalid request"
+    return Problem(422, detail, errors)
 
 
 def problem_response(status: int, detail: str, errors: list[dict[str, str]] | None = None,
@@ -72,9 +79,7 @@ async def _problem(request: Request, exc: Problem) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"field": _field_name(e.get("loc", ())), "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]) or "invalid request"
-    return problem_response(422, detail, errors, request.url.path)
+    return await _problem(request, validation_problem(exc))
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> Response:

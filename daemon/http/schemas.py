@@ -17,6 +17,7 @@ from selftune.policies.ingest import (
     MAX_FEEDBACK_ITEMS,
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
+    OPENAI_ROLES,
     SHAREGPT_ROLES,
     THUMBS,
     check_text,
@@ -24,6 +25,7 @@ from selftune.policies.ingest import (
 from selftune.policies.records import FEEDBACK_KINDS, ROLES
 
 Role = Literal[ROLES]  # type: ignore[valid-type]
+OpenAIRole = Literal[tuple(OPENAI_ROLES)]  # type: ignore[valid-type]
 ShareGptRole = Literal[tuple(SHAREGPT_ROLES)]  # type: ignore[valid-type]
 Thumbs = Literal[tuple(THUMBS)]  # type: ignore[valid-type]
 Text = Annotated[str, AfterValidator(check_text)]
@@ -66,14 +68,36 @@ class _RowFields(BaseModel):
     feedback: Feedback | None = None
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatTurn(BaseModel):
-    role: Role
-    content: str
+    role: OpenAIRole = Field(description="\"developer\" is read as \"system\"; tool calls are refused.")
+    content: str | list[ContentPart] = Field(description="Text, or text parts (joined).")
+    weight: Literal[0, 1] | None = Field(None, description="On an assistant message: 0 keeps the turn out of "
+                                                           "training (OpenAI fine-tuning's weight).")
 
 
 class OpenAIRow(_RowFields):
     model_config = ConfigDict(title="OpenAI chat")
     messages: list[ChatTurn]
+
+
+class PreferenceInput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    messages: list[ChatTurn]
+
+
+class PreferenceRow(_RowFields):
+    model_config = ConfigDict(title="OpenAI preference")
+    input: PreferenceInput = Field(description="The conversation up to the answer.")
+    preferred_output: Annotated[list[ChatTurn], Field(min_length=1, max_length=1)] = Field(
+        description="The better answer: stored as the interaction's answer and the preference's `chosen`.")
+    non_preferred_output: Annotated[list[ChatTurn], Field(min_length=1, max_length=1)] = Field(
+        description="The worse answer: the preference's `rejected`.")
 
 
 class ShareGptTurn(BaseModel):
@@ -94,9 +118,10 @@ class PromptRow(_RowFields):
     system: str | None = None
 
 
-ROW_MODELS: dict[str, type[_RowFields]] = {"openai": OpenAIRow, "sharegpt": ShareGptRow, "prompt": PromptRow}
+ROW_MODELS: dict[str, type[_RowFields]] = {"openai": OpenAIRow, "sharegpt": ShareGptRow, "prompt": PromptRow,
+                                           "preference": PreferenceRow}
 """Each ingest format (``policies.ingest.FORMAT_KEYS``) and the model that documents its rows."""
-Row = Annotated[OpenAIRow | ShareGptRow | PromptRow, Field(
+Row = Annotated[OpenAIRow | ShareGptRow | PromptRow | PreferenceRow, Field(
     description="One interaction in any of the ingest formats, plus optional id, domain, tags, feedback.")]
 
 
@@ -139,12 +164,6 @@ class IngestResponse(BaseModel):
                                              "with an external id); null for batches.")
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
 def _check_texts(value: Any) -> Any:
     """``check_text`` on a text, or on each text (or text part) of a list. It runs after the union is
     validated, so that an error names the field (``messages[0].content``), not each union member."""
@@ -169,7 +188,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request. Parameters selftune does not use are accepted and ignored."""
+    """OpenAI's chat completion request. A parameter selftune does not implement (``tools``, ``response_format``,
+    ``logit_bias``, ...: ``routers.chat.UNSUPPORTED``) is refused by name unless it asks for nothing; other
+    unknown fields are ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: Text = Field(max_length=200, description="Who answers (GET /v1/models lists the names): a branch (its "
@@ -180,11 +201,14 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[str | list[str] | None, AfterValidator(_check_texts)] = None
     seed: Int64 | None = None
+    logprobs: bool = Field(False, description="Return each answer token's log-probability under the model.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With `logprobs`: the most likely tokens at "
+                                                                    "each position, this many.")
     user: Text | None = Field(None, max_length=256)
     domain: Text | None = Field(None, description="selftune: the domain the logged interaction is filed under.")
     tags: list[Text] | None = Field(None, description="selftune: tags of the logged interaction.")

@@ -29,14 +29,13 @@ from selftune.learners.chat import end_token_ids, generation_prompt_ids, pad_id 
 from selftune.policies.config import ServerConfig
 from selftune.policies.errors import InvalidRecordError
 from selftune.policies.records import CHAMPION
+from selftune.policies.selection import CLIENT_DISCONNECTED
 
 from selftune.daemon.context import Context
 from selftune.daemon.service.metrics import Metrics
 from selftune.daemon.service.models import Models, Router, Target
 
 log = logging.getLogger(__name__)
-CLIENT_DISCONNECTED = "client_disconnected"
-"""The finish reason of an answer cut short because its client went away: logged so, and never trained on."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Strings that end the answer; the answer excludes them (OpenAI's ``stop``)."""
     seed: int | None = None
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each answer token's log-probability and its k most likely alternatives
+    (OpenAI's ``logprobs`` and ``top_logprobs``)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,17 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token and its log-probability under the model (its raw distribution: before temperature or top-p)."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+    top: tuple[TokenLogprob, ...] = ()
+    """The most likely tokens at this position, most likely first."""
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     finish_reason: str
@@ -102,6 +115,8 @@ class Completion:
     completion_tokens: int
     generation_id: int
     seconds: float
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """The answer's tokens with their log-probabilities, when ``SamplingParams.logprobs`` asked for them."""
 
 
 class LoadedGeneration:
@@ -160,6 +175,7 @@ class LoadedGeneration:
         if sampling:
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         ids = torch.tensor([prompt_ids])
+        wants_logprobs = params.logprobs is not None
         with self.lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -167,13 +183,44 @@ class LoadedGeneration:
             output = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                 eos_token_id=self._stop_ids or None, pad_token_id=pad_id(self.tokenizer), streamer=stream,
-                stopping_criteria=StoppingCriteriaList([_Stop()]), **options)
+                stopping_criteria=StoppingCriteriaList([_Stop()]), return_dict_in_generate=True,
+                output_logits=wants_logprobs, **options)
             seconds = time.perf_counter() - started
-        new_tokens = output[0, len(prompt_ids):].tolist()
+        new_tokens = output.sequences[0, len(prompt_ids):].tolist()
         stream.finish()
         ended_by_model = bool(new_tokens) and new_tokens[-1] in self._stop_ids
         finish = "stop" if stream.stopped or ended_by_model or len(new_tokens) < max_new else "length"
-        return Completion(stream.text, finish, len(prompt_ids), len(new_tokens), self.generation_id, seconds)
+        cut = stream.text if stream.stopped else None
+        logprobs = self._logprobs(new_tokens, output.logits, params.logprobs, cut) if wants_logprobs else None
+        return Completion(stream.text, finish, len(prompt_ids), len(new_tokens), self.generation_id, seconds, logprobs)
+
+    def _logprobs(self, new_tokens: list[int], logits: Sequence[Any], top: int,
+                  cut: str | None) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the answer's tokens, each with its ``top`` most likely alternatives. Special
+        tokens (end of turn) are markup, not answer; where a stop string ``cut`` the answer to this text, the
+        tokens after it are not answer either."""
+        from selftune.learners.evaluate import token_bytes  # torch: only where a model is served
+
+        special = {*self._stop_ids, *self.tokenizer.all_special_ids}
+        kept: list[int] = []
+        for k, token in enumerate(new_tokens):
+            if cut is not None and len(self.tokenizer.decode(new_tokens[:k], skip_special_tokens=True).lstrip()) \
+                    >= len(cut):
+                break
+            if token not in special:
+                kept.append(k)
+        if not kept:
+            return ()
+        steps = [logits[k][0].float().log_softmax(-1) for k in kept]
+        alternatives = [step.topk(top) if top else None for step in steps]
+
+        def tokens(ids: list[int], values: list[float]) -> list[TokenLogprob]:
+            pieces = token_bytes(self.tokenizer, ids)
+            return [TokenLogprob(self.tokenizer.decode([i]), v, b) for i, v, b in zip(ids, values, pieces)]
+
+        chosen = tokens([new_tokens[k] for k in kept], [float(step[new_tokens[k]]) for k, step in zip(kept, steps)])
+        return tuple(replace(token, top=tuple(tokens(best.indices.tolist(), best.values.tolist())) if best else ())
+                     for token, best in zip(chosen, alternatives))
 
 
 class _TextStream:

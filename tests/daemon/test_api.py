@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from selftune.policies.ingest import FORMATS, KNOWN_KEYS, SHAREGPT_ROLES
-from selftune.policies.records import FEEDBACK_KINDS, ROLES
+from selftune.policies.ingest import FORMATS, KNOWN_KEYS, OPENAI_ROLES, SHAREGPT_ROLES
+from selftune.policies.records import FEEDBACK_KINDS
 
 from selftune.daemon.http.app import create_app
 from selftune.daemon.http.schemas import ROW_MODELS
@@ -254,7 +254,7 @@ def test_chat_completion_is_logged_under_its_id_and_takes_feedback(client: TestC
     assert again["choices"][0]["message"]["content"] == answer  # same seed, same answer ...
     assert again["id"] != body["id"]  # ... but a second exchange, logged on its own
     feedback = client.post(f"/v1/interactions/{body['id']}/feedback", json="up", headers=ingest)
-    assert feedback.status_code == 201 and feedback.json()["interaction_id"] == int(body["id"])
+    assert feedback.status_code == 201 and feedback.json()["interaction_id"] == body["interaction_id"]
 
 
 def test_chat_completion_streams_server_sent_events(client: TestClient, ingest: dict[str, str],
@@ -287,17 +287,17 @@ def test_stop_strings_end_the_answer_and_are_left_out(client: TestClient, ingest
 
 @pytest.mark.parametrize(("change", "status", "field"), [
     ({"model": "nope"}, 404, "model"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 422, "messages"),
-    ({"messages": [{"role": "assistant", "content": "only me"}]}, 422, "messages"),
-    ({"messages": []}, 422, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 422,
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "assistant", "content": "only me"}]}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content[0].type"),
-    ({"max_tokens": 100000}, 422, "max_tokens"),
-    ({"max_tokens": 0}, 422, "max_tokens"),
-    ({"temperature": 5}, 422, "temperature"),
-    ({"n": 2}, 422, "n"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
-    ({"domain": ""}, 422, "domain"),
+    ({"max_tokens": 100000}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"temperature": 5}, 400, "temperature"),
+    ({"n": 2}, 400, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"domain": ""}, 400, "domain"),
 ])
 def test_bad_chat_requests_name_the_field(client: TestClient, ingest: dict[str, str], change: dict[str, Any],
                                           status: int, field: str) -> None:
@@ -440,7 +440,7 @@ def test_the_documented_ingest_rows_are_the_parsers_own_formats(client: TestClie
     assert set(ROW_MODELS) == set(FORMATS) - {"auto"}
     for fmt, model in ROW_MODELS.items():  # every key the parser knows is documented, and no other
         assert set(schemas[model.__name__]["properties"]) == KNOWN_KEYS[fmt], fmt
-    assert schemas["ChatTurn"]["properties"]["role"]["enum"] == list(ROLES)
+    assert schemas["ChatTurn"]["properties"]["role"]["enum"] == list(OPENAI_ROLES)
     assert set(schemas["ShareGptTurn"]["properties"]["from"]["enum"]) == set(SHAREGPT_ROLES)
     assert all(kind in schemas["Feedback"]["description"] for kind in FEEDBACK_KINDS)
 
@@ -495,5 +495,5 @@ def test_ingest_feedback_and_chat_on_postgresql(make_state: Callable[..., Path],
         assert logged["messages"][-1]["content"] == chat["choices"][0]["message"]["content"]
         assert_problem(client.post("/v1/interactions", json=[ROW, {"prompt": 1}], headers=headers), 422, "body[1]")
         ids = [r["id"] for r in client.get("/v1/interactions", headers=headers).json()["data"]]
-    assert len(ids) == 3 and ids[0] == single["id"] and ids[-1] == int(chat["id"]) and ids == sorted(ids)
+    assert len(ids) == 3 and ids[0] == single["id"] and ids[-1] == chat["interaction_id"] and ids == sorted(ids)
     context.store.engine.dispose()

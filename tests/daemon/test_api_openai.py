@@ -27,7 +27,7 @@ def test_openai_client_chats_with_the_champion_and_feedback_follows(
     assert answer and completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
 
-    logged = admin.get(f"/v1/interactions/{completion.id}").json()  # the completion id is the interaction id
+    logged = admin.get(f"/v1/interactions/{completion.id}").json()  # the chatcmpl- id finds the interaction
     assert logged["messages"] == [*messages, {"role": "assistant", "content": answer}]
     feedback = httpx.post(f"{server.url}/v1/interactions/{completion.id}/feedback",
                           headers={"Authorization": f"Bearer {ingest_token}"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from selftune.learners.chat import IGNORE_INDEX, encode_chat, end_token_ids, pad
 from selftune.learners.data import encode_rows
 from selftune.learners.evaluate import held_out_loss, load_model
 from selftune.learners.lm import load_tokenizer, mean_token_nll
+from selftune.policies.ingest import parse_row
 from selftune.policies.records import Message
 
 PAIR = ("What is a list in Python?", "A mutable sequence of items.")
@@ -121,3 +123,23 @@ def test_the_chat_module_imports_no_torch() -> None:  # the serving pool imports
     code = "import sys, selftune.learners.chat; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_weight_0_turn_is_context_not_a_target(tokenizer_dir: Path) -> None:
+    # An OpenAI fine-tuning row, parsed by ingest and written as the learner's train.jsonl writes it.
+    tok = load_tokenizer(tokenizer_dir)
+    parsed = parse_row({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Symbol of "}, {"type": "text", "text": "gold?"}]},
+        {"role": "assistant", "content": "Silver is Ag.", "weight": 0},
+        {"role": "user", "content": "No: gold?"},
+        {"role": "assistant", "content": "Au", "weight": 1}]})
+    row = json.loads(json.dumps({"id": 1, "messages": [m.as_dict() for m in parsed.messages]}))
+    assert row["messages"][2] == {"role": "assistant", "content": "Silver is Ag.", "weight": 0}
+    ids, labels = encode_chat(tok, row)
+    targets = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert targets == f"Au{tok.eos_token}"  # the weight-0 turn is not learned ...
+    assert "Silver is Ag." in tok.decode(ids) and "Symbol of gold?" in tok.decode(ids)  # ... but is context
+    unweighted = {"messages": [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]}
+    both = tok.decode([t for t, label in zip(*encode_chat(tok, unweighted)) if label != IGNORE_INDEX])
+    assert both == f"Silver is Ag.{tok.eos_token}Au{tok.eos_token}"

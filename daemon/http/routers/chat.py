@@ -6,7 +6,9 @@ router chooses). Every response says who answered: ``model`` is the concrete ``b
 ``system_fingerprint`` is ``generation-<id>``, and the headers ``X-Selftune-Branch``,
 ``X-Selftune-Generation`` and ``X-Selftune-Route`` (pinned, routed or deferred) come before the first
 byte of a stream too. Each exchange is logged as an interaction on the branch that answered, with
-``{"route": ...}`` (``Target.record``) in its metadata, so that feedback can follow. Generation is
+``{"route": ...}`` (``Target.record``) in its metadata, so that feedback can follow: a response's ``id`` is the
+``chatcmpl-...`` id it is logged under (streamed or not), ``interaction_id`` (and, for a plain response, the header
+``X-Selftune-Interaction``) the interaction's number; the feedback endpoint takes either. Generation is
 blocking torch work: it runs in worker threads (at most ``GENERATION_THREADS`` at once), never on the
 event loop.
 
@@ -14,6 +16,12 @@ What a request leaves unsaid of ``temperature`` and ``top_p`` the answering gene
 ``generation_config.json`` says, else ``[server]`` does (vLLM's order). A client that goes away, streamed or
 not, stops generation at the next token; what was generated is logged with ``finish_reason``
 "client_disconnected" in its metadata, which selection never trains on.
+
+As OpenAI does, a request this route cannot take is a 400 naming the field (pydantic's checks included), with
+OpenAI's ``code`` where it has one; a parameter that would change the answer in a way selftune does not
+implement (``UNSUPPORTED``) is such a request, not silently ignored. ``logprobs`` are the model's own
+log-probabilities of the answer's tokens (before temperature and top-p), in OpenAI's shape; a stream carries
+them in its last chunk, as they are read once generation ends.
 """
 
 from __future__ import annotations
@@ -30,34 +38,82 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from selftune.policies.errors import InvalidRecordError
-from selftune.policies.ingest import RowDefaults, parse_row
+from selftune.policies.ingest import TOOL_KEYS, RowDefaults, parse_row
 from selftune.policies.records import InteractionIn
+from selftune.policies.selection import CLIENT_DISCONNECTED, SELF_GENERATED_SOURCE
 
 from selftune.daemon.context import Context
 from selftune.daemon.http.auth import Ingest
-from selftune.daemon.http.errors import Problem, invalid
+from selftune.daemon.http.errors import Problem, invalid, validation_problem
 from selftune.daemon.http.routers.generations import model_not_found
 from selftune.daemon.http.routers.interactions import CHAT_ID_PREFIX
 from selftune.daemon.http.schemas import ChatCompletionRequest
 from selftune.daemon.http.state import ServiceState, StateDep
 from selftune.daemon.service.models import ModelNotFoundError, Target
-from selftune.daemon.service.pool import CLIENT_DISCONNECTED, Completion, LoadedGeneration, SamplingParams
+from selftune.daemon.service.pool import Completion, LoadedGeneration, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 MAX_WAITING_GENERATIONS = 32
 """Chat requests queued behind the ones generating; more are refused with 503 and Retry-After."""
 
-router = APIRouter(tags=["chat"])
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
+}
+"""OpenAI parameters selftune does not implement, and the values of each that ask for nothing (also null)."""
+
+
+class OpenAIRoute(APIRoute):
+    """A route of OpenAI's API: a request it cannot take is a 400, as OpenAI answers it (the service's other
+    routes answer 422), FastAPI's own validation included."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Any:
+            try:
+                return await handle(request)
+            except RequestValidationError as exc:
+                problem = validation_problem(exc)
+            except Problem as exc:
+                problem = exc
+            if problem.status == 422:
+                problem.status = 400
+            raise problem
+
+        return handler
+
+
+router = APIRouter(tags=["chat"], route_class=OpenAIRoute)
+
+
+def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """A parameter that asks for what selftune does not do is an error naming it, never silently ignored."""
+    extra = request.model_extra or {}
+    for name, no_ops in UNSUPPORTED.items():
+        if extra.get(name) is not None and extra[name] not in no_ops:
+            raise invalid(name, f"is not supported by selftune ({extra[name]!r:.60}): remove it",
+                          "unsupported_parameter")
+    if request.n != 1:
+        raise invalid("n", f"{request.n}: selftune answers with one choice per request: send n = 1 (or none)",
+                      "unsupported_value")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise invalid("top_logprobs", "needs logprobs: true", "invalid_value")
 
 
 def _plain_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     """The request's messages as {"role", "content"} strings (text parts joined; "developer" is "system")."""
     out = []
     for i, message in enumerate(request.messages):
+        if used := [key for key in TOOL_KEYS if (message.model_extra or {}).get(key)]:
+            raise invalid(f"messages[{i}].{used[0]}", "tool calls are not supported by selftune: remove them",
+                          "unsupported_parameter")
         content = message.content
         if isinstance(content, list):
             for j, part in enumerate(content):
@@ -90,7 +146,8 @@ def _sampling(context: Context, request: ChatCompletionRequest) -> SamplingParam
     if len(stops) > 4 or any(not s or len(s) > 200 for s in stops):
         raise invalid("stop", "give at most 4 non-empty stop strings of at most 200 characters")
     return SamplingParams(max_new_tokens=wanted, temperature=request.temperature, top_p=request.top_p,
-                          stop=tuple(stops), seed=request.seed)
+                          stop=tuple(stops), seed=request.seed,
+                          logprobs=(request.top_logprobs or 0) if request.logprobs else None)
 
 
 def _exchange_row(context: Context, request: ChatCompletionRequest, messages: list[dict[str, str]],
@@ -112,7 +169,7 @@ def _exchange_row(context: Context, request: ChatCompletionRequest, messages: li
     if request.user is not None:
         row["user"] = request.user
     branch = target.branch if target is not None else context.config.ingest.default_branch
-    return parse_row(row, "openai", RowDefaults(branch=branch, source="api:chat",
+    return parse_row(row, "openai", RowDefaults(branch=branch, source=SELF_GENERATED_SOURCE,
                                                 max_message_chars=context.config.ingest.max_message_chars))
 
 
@@ -134,6 +191,17 @@ def _log_exchange(context: Context, request: ChatCompletionRequest, messages: li
 def _usage(completion: Completion) -> dict[str, int]:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
             "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def _logprobs(completion: Completion) -> dict[str, Any] | None:
+    """OpenAI's ``choices[0].logprobs``: each answer token, its log-probability and bytes, and the top ones."""
+    def token(t: TokenLogprob) -> dict[str, Any]:
+        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
+
+    if completion.logprobs is None:
+        return None
+    return {"content": [{**token(t), "top_logprobs": [token(top) for top in t.top]} for t in completion.logprobs],
+            "refusal": None}
 
 
 def fingerprint(target: Target) -> str:
@@ -187,14 +255,18 @@ class _Exchange:
                          "`system_fingerprint` is `generation-<id>`, and the headers X-Selftune-Branch, "
                          "X-Selftune-Generation and X-Selftune-Route (pinned, routed or deferred) say the same, "
                          "streamed or not. The exchange is logged as an interaction of the branch that answered, "
-                         "with the routing decision in its metadata (`route`): the response `id` is that "
-                         "interaction's id, so feedback can follow (POST /v1/interactions/{id}/feedback). With "
-                         "`stream: true` the answer comes as server-sent events; their `id` is the completion id "
-                         "the exchange is logged under (the feedback endpoint takes it too), and the last event "
-                         "carries `interaction_id`.")
+                         "with the routing decision in its metadata (`route`): the response `id` is the "
+                         "`chatcmpl-...` id it is logged under, `interaction_id` (and the header "
+                         "X-Selftune-Interaction) its number; feedback takes either "
+                         "(POST /v1/interactions/{id}/feedback). With `stream: true` the answer comes as "
+                         "server-sent events with the same `id`, and the last event carries `interaction_id` (and "
+                         "the `logprobs`, if asked for). A request it cannot take is a 400 naming the field, with "
+                         "OpenAI's `code` where it has one; `tools`, `response_format`, `logit_bias`, penalties "
+                         "and `n` > 1 are not implemented, and refused by name.")
 async def chat_completions(request: Request, response: Response, state: StateDep, body: ChatCompletionRequest,
                            token: Ingest) -> Any:
     context = state.context
+    _refuse_unsupported(body)
     messages = _plain_messages(body)
     _check_conversation(context, body, messages)
     params = _sampling(context, body)
@@ -210,7 +282,7 @@ async def chat_completions(request: Request, response: Response, state: StateDep
         prompt_ids = await anyio.to_thread.run_sync(model.prompt_ids, messages)
         model.budget(len(prompt_ids), params.max_new_tokens)
     except InvalidRecordError as exc:
-        raise invalid("messages", exc.reason) from None
+        raise invalid("messages", exc.reason, "context_length_exceeded") from None
     params = model.sampling_defaults.fill(params, context.config.server)
     exchange = _Exchange(body, messages, target, model, prompt_ids, params, f"{CHAT_ID_PREFIX}{uuid.uuid4().hex}")
     if body.stream:
@@ -226,11 +298,12 @@ async def chat_completions(request: Request, response: Response, state: StateDep
         raise ClientDisconnect  # no one to answer: counted as 499 (errors._client_gone)
     _count_completion(state, target, completion, stream=False)
     response.headers.update(provenance_headers(target))
-    return {"id": str(interaction_id) if interaction_id is not None else exchange.external_id,
-            "object": "chat.completion", "created": int(time.time()), "model": target.name,
+    if interaction_id is not None:
+        response.headers["X-Selftune-Interaction"] = str(interaction_id)
+    return {"id": exchange.external_id, "object": "chat.completion", "created": int(time.time()), "model": target.name,
             "system_fingerprint": fingerprint(target), "interaction_id": interaction_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": completion.finish_reason, "logprobs": None}],
+                         "finish_reason": completion.finish_reason, "logprobs": _logprobs(completion)}],
             "usage": _usage(completion)}
 
 
@@ -252,10 +325,11 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
     created = int(time.time())
     target = exchange.target
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None,
+              **extra: Any) -> bytes:
         document = {"id": exchange.external_id, "object": "chat.completion.chunk", "created": created,
                     "model": target.name, "system_fingerprint": fingerprint(target),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra}
         return b"data: " + orjson.dumps(document) + b"\n\n"
 
     def hand_over(piece: str) -> None:  # called in the generating thread
@@ -282,7 +356,7 @@ async def _stream(state: ServiceState, exchange: _Exchange) -> AsyncIterator[byt
         _count_completion(state, target, completion, stream=True)
         options = exchange.body.stream_options
         include_usage = options is not None and options.include_usage
-        yield chunk({}, completion.finish_reason, interaction_id=interaction_id,
+        yield chunk({}, completion.finish_reason, _logprobs(completion), interaction_id=interaction_id,
                     **({"usage": _usage(completion)} if include_usage else {}))
         yield b"data: [DONE]\n\n"
     finally:
