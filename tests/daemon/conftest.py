@@ -20,6 +20,15 @@ PG_URL = os.environ.get("SELFTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@1
 SELFTUNE = str(Path(sys.executable).with_name("selftune"))
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie counts: reap your children first)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -19,6 +19,8 @@ from selftune.daemon.cycle.workdir import TRAINER_PID_FILE, WORKER_LOG_FILE, cyc
 from selftune.daemon.ingest import ingest
 from selftune.policies.ingest import RowDefaults
 
+from .conftest import process_alive
+
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "sample"
 STOP_TIMEOUT = 4.0
 ENV = {"SELFTUNE_SERVER__STOP_TIMEOUT_SECONDS": str(STOP_TIMEOUT), "SELFTUNE_REPLAY__REHEARSAL": "0",
@@ -30,14 +32,6 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_stopped_worker_kills_a_trainer_that_does_not_stop_at_the_timeout(
@@ -65,10 +59,10 @@ def test_a_stopped_worker_kills_a_trainer_that_does_not_stop_at_the_timeout(
         asked = time.monotonic()
         _wait_for(lambda: not worker_alive(context, cycle.id), STOP_TIMEOUT + 10, "the worker's exit")
         took = time.monotonic() - asked
-        trainer_left = _alive(trainer)
+        trainer_left = process_alive(trainer)
     finally:  # whatever happened, leave no process behind
         for pid in (trainer, worker):
-            if pid is not None and _alive(pid):
+            if pid is not None and process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     # the trainer gets three quarters of the timeout; the worker's own exit fits in the rest
     assert 0.75 * STOP_TIMEOUT <= took < STOP_TIMEOUT, took

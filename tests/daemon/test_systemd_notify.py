@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from .conftest import process_alive
+
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "python_docs.jsonl"
 STOP_TIMEOUT = 20
 WATCHDOG_SECONDS = 2
@@ -65,14 +67,6 @@ class NotifyListener:
         self.socket.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[NotifyListener]:
     listener = NotifyListener(tmp_path / "notify.sock")
@@ -118,14 +112,14 @@ def test_notify_protocol_and_a_clean_stop_while_a_cycle_trains(
 
     pid_files = [cycle_dir / "worker.pid", cycle_dir / "training.pid"]  # the worker, and the trainer it started
     pids = [int(path.read_text()) for path in pid_files if path.exists()]
-    assert len(pids) == 2 and all(_alive(pid) for pid in pids), "the cycle must be training"
+    assert len(pids) == 2 and all(process_alive(pid) for pid in pids), "the cycle must be training"
     signalled = time.monotonic()
     exit_code = server.terminate(timeout=STOP_TIMEOUT + 30)
     stopped_after = time.monotonic() - signalled
     assert exit_code == 0, server.log_text()
     assert stopped_after < STOP_TIMEOUT, f"took {stopped_after:.1f} s"
     assert listener.wait_for("STOPPING=1", timeout=1) - signalled < 1.0
-    left = [pid for pid in pids if _alive(pid)]
+    left = [pid for pid in pids if process_alive(pid)]
     for pid in left:  # do not leave a trainer running after a failed test
         os.kill(pid, signal.SIGKILL)
     assert not left, "the cycle's worker and its trainer must be gone when the service has stopped"
