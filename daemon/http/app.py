@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 GENERATION_THREADS = 2
 """Chat completions generating at once; the others wait for a thread (see ``chat.MAX_WAITING_GENERATIONS``)."""
 PRELOAD_RETRY_SECONDS = 10
-ROUTERS = (health.router, interactions.router, chat.router, generations.router, cycles.router)
+ROUTERS = (health.router, interactions.router, chat.router, generations.models_router, generations.router, cycles.router)
 
 
 def create_app(context: Context, *, state: ServiceState | None = None, preload: bool = True) -> FastAPI:

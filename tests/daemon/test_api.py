@@ -430,6 +430,10 @@ def test_openapi_documents_every_endpoint_and_the_bearer_scheme(client: TestClie
                 ("get", "/livez"), ("get", "/readyz"), ("get", "/metrics")}
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert expected <= documented, expected - documented
+    # each operation under one tag, so that /docs lists it once
+    tags = {(method, path): op.get("tags") for path, item in document["paths"].items() for method, op in item.items()}
+    assert all(len(t or []) == 1 for t in tags.values()), {k: t for k, t in tags.items() if len(t or []) != 1}
+    assert tags[("get", "/v1/models")] == ["models"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     ingest_body = document["paths"]["/v1/interactions"]["post"]["requestBody"]["content"]["application/json"]
     assert len(ingest_body["schema"]["oneOf"]) == 2

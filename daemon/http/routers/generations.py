@@ -25,6 +25,8 @@ MODEL_NOT_FOUND = "model_not_found"
 """OpenAI's error code for a model that does not exist."""
 
 router = APIRouter(tags=["generations"])
+models_router = APIRouter(tags=["models"])
+"""OpenAI's model list: its own tag in /docs (a route's tags add to its router's)."""
 
 
 def model_object(entry: ModelEntry) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def model_not_found(exc: ModelNotFoundError) -> Problem:
                    extra={"models": list(exc.known)})
 
 
-@router.get("/v1/models", tags=["models"], summary="Every model name that answers (OpenAI's model list)",
+@models_router.get("/v1/models", summary="Every model name that answers (OpenAI's model list)",
             description="Each branch with a champion (`main`), its aliases (`main@champion`, `main@challenger` "
                         "while one awaits approval), each of its generations that can answer (`main@3`), and "
                         "`auto` (the router chooses per request). Besides OpenAI's fields: `branch`, "
@@ -51,7 +53,7 @@ async def list_models(state: StateDep, token: Ingest) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(e) for e in entries]}
 
 
-@router.get("/v1/models/{model}", tags=["models"], summary="One model name: what it answers with now",
+@models_router.get("/v1/models/{model}", summary="One model name: what it answers with now",
             responses={404: {"description": "No such model; `models` lists the names that work."}})
 async def get_model(state: StateDep, token: Ingest, model: str) -> Any:
     entries = await anyio.to_thread.run_sync(state.pool.models.entries)
