@@ -14,8 +14,9 @@ unsure of its answer passes it up its lineage.
 3. deferral, when the chosen champion's ``generation.json`` holds a calibrated deferral threshold (and
    ``routing.deferral`` is on): the specialist generates its first ``routing.deferral_tokens`` tokens greedily,
    and a mean log-probability below the threshold passes the request to its parent line (the branch of the
-   generation it forked at), which may defer again, up to the generalist. Those first tokens are not reused:
-   the answering model generates the answer afresh, as the request asked for it.
+   generation it forked at), which may defer again, up to the generalist. The model that keeps the request
+   answers on from its first tokens (the decision's ``draft``: ``pool.LoadedGeneration.generate`` continues
+   from the check's KV cache), so the check costs no second generation; a model that defers wasted only them.
 
 The specialists' champions are re-read (one read transaction) at most every ``server.champion_poll_seconds``,
 so a promotion or rollback changes the routing within that time; ``refresh`` does it at once.
@@ -30,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from selftune.learners.route_index import RouteIndex
 
     from selftune.daemon.context import Context
-    from selftune.daemon.service.pool import ChampionPool
+    from selftune.daemon.service.pool import ChampionPool, Draft
 
 log = logging.getLogger(__name__)
 ROUTING_DISABLED = "routing disabled"
@@ -66,22 +67,30 @@ def last_user_message(messages: Sequence[Mapping[str, str]]) -> str:
     return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
 
 
-def answer_confidence(model: Any, tokenizer: Any, prompt_ids: list[int], tokens: int) -> float:
-    """Mean log-probability of the first ``tokens`` tokens the model answers greedily (an end-of-turn token
-    ends them early, and counts): higher is surer. The cycle calibrates the deferral threshold with this very
-    function, so serving measures what calibration measured."""
+def first_tokens(model: Any, tokenizer: Any, prompt_ids: list[int], tokens: int) -> Draft:
+    """The first ``tokens`` tokens the model answers greedily (an end-of-turn token ends them early, and counts),
+    with their logits and the KV cache after them: the deferral check, and the start of the answer when the
+    model keeps the request."""
     import torch  # only where a model answers
 
     from selftune.learners.chat import end_token_ids, pad_id
+
+    from selftune.daemon.service.pool import Draft
 
     ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                              do_sample=False, eos_token_id=end_token_ids(model, tokenizer) or None,
                              pad_token_id=pad_id(tokenizer), output_logits=True, return_dict_in_generate=True)
-    new = out.sequences[0, len(prompt_ids):].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token]) for step, token in zip(out.logits, new)]
-    return sum(logprobs) / len(logprobs) if logprobs else -math.inf
+    cache = next((name for name in ("cache", "past_key_values") if name in out), None)  # transformers 5 renamed it
+    return Draft(tuple(prompt_ids), tuple(out.sequences[0, len(prompt_ids):].tolist()), tuple(out.logits),
+                 {cache: out[cache]} if cache else {})
+
+
+def answer_confidence(model: Any, tokenizer: Any, prompt_ids: list[int], tokens: int) -> float:
+    """Mean log-probability of the model's ``first_tokens``: higher is surer. The cycle calibrates the deferral
+    threshold with this very function, so serving measures what calibration measured."""
+    return first_tokens(model, tokenizer, prompt_ids, tokens).confidence
 
 
 @dataclass(frozen=True)
@@ -129,16 +138,20 @@ class CascadeRouter:
         chosen = route(scores, thresholds)
         details: dict[str, Any] = {"scores": _rounded(scores), "thresholds": _rounded(thresholds),
                                    "route_seconds": round(time.perf_counter() - started, 6)}
-        branch, deferred, reason = chosen.branch or default, [], chosen.reason
+        branch, deferred, reason, draft = chosen.branch or default, [], chosen.reason, None
         if chosen.branch is not None and routing.deferral and self.pool is not None:
-            branch, deferred, reason = self._defer(chosen.branch, messages, specialists, routing, details, reason)
-        return Decision(branch, routed=True, deferred_from=tuple(deferred), reason=reason, details=details)
+            branch, deferred, reason, draft = self._defer(chosen.branch, messages, specialists, routing, details,
+                                                          reason)
+        return Decision(branch, routed=True, deferred_from=tuple(deferred), reason=reason, details=details,
+                        draft=draft)
 
     def _defer(self, branch: str, messages: Sequence[Mapping[str, str]], specialists: Mapping[str, Specialist],
-               routing: RoutingConfig, details: dict[str, Any], reason: str) -> tuple[str, list[str], str]:
-        """Walk up the lineage while the branch's champion is unsure of its first tokens."""
+               routing: RoutingConfig, details: dict[str, Any],
+               reason: str) -> tuple[str, list[str], str, Draft | None]:
+        """Walk up the lineage while the branch's champion is unsure of its first tokens; the first tokens of
+        the one that keeps the request start its answer."""
         assert self.pool is not None
-        started, deferred, confidences = time.perf_counter(), [], {}
+        started, deferred, confidences, draft = time.perf_counter(), [], {}, None
         default = self.context.config.ingest.default_branch
         hop = specialists.get(branch)
         while hop is not None and hop.deferral_threshold is not None and hop.branch not in confidences:
@@ -148,9 +161,11 @@ class CascadeRouter:
                 break
             prompt = loaded.prompt_ids([{"role": m["role"], "content": m["content"]} for m in messages])
             with loaded.lock:
-                confidence = answer_confidence(loaded.model, loaded.tokenizer, prompt, routing.deferral_tokens)
+                checked = first_tokens(loaded.model, loaded.tokenizer, prompt, routing.deferral_tokens)
+            confidence = checked.confidence
             confidences[hop.branch] = round(confidence, 4)
             if not should_defer(confidence, hop.deferral_threshold):
+                draft = replace(checked, generation_id=loaded.generation_id)
                 break
             deferred.append(f"{hop.branch}@{hop.generation_id}")
             reason = (f"{reason}; {hop.branch} deferred (confidence {confidence:.3f} < its threshold "
@@ -158,7 +173,7 @@ class CascadeRouter:
             branch = hop.parent_branch or default
             hop = specialists.get(branch)
         details.update(confidence=confidences, deferral_seconds=round(time.perf_counter() - started, 6))
-        return branch, deferred, reason
+        return branch, deferred, reason, draft
 
     # -- what it routes with -------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the CLI's export imports this module: it stays light
 
     from selftune.daemon.context import Context
     from selftune.daemon.service.metrics import Metrics
+    from selftune.daemon.service.pool import Draft
 
 log = logging.getLogger(__name__)
 AUTO = AUTO_MODEL
@@ -90,12 +91,18 @@ class RouteDecision(Protocol):
         """What the router measured (similarities, confidence), JSON-ready: logged with the exchange."""
         ...
 
+    @property
+    def draft(self) -> Draft | None:
+        """The answer's first tokens, if the router generated them with the model that answers (the deferral
+        check): the answer continues from them instead of generating them again."""
+        ...
+
 
 class Router(Protocol):
     """Chooses who answers a ``"model": "auto"`` request. ``choose`` runs in a worker thread before any byte
-    of the response is sent (so it may generate first tokens to decide a deferral); its time is observed as
-    ``selftune_routing_duration_seconds``. If it raises, or names a model that does not exist, the default
-    branch's champion answers and the decision says why."""
+    of the response is sent (so it may generate first tokens to decide a deferral, and hand them on as the
+    decision's ``draft``); its time is observed as ``selftune_routing_duration_seconds``. If it raises, or names
+    a model that does not exist, the default branch's champion answers and the decision says why."""
 
     def choose(self, messages: Sequence[Mapping[str, str]]) -> RouteDecision: ...
 
@@ -110,6 +117,7 @@ class Decision:
     deferred_from: tuple[str, ...] = ()
     reason: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    draft: Draft | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,32 @@ class Completion:
     completion_tokens: int
     generation_id: int
     seconds: float
+    """Spent generating here (a draft's tokens were generated, and timed, while routing)."""
     logprobs: tuple[TokenLogprob, ...] | None = None
     """The answer's tokens with their log-probabilities, when ``SamplingParams.logprobs`` asked for them."""
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An answer's first tokens, generated greedily before the answer (``cascade.first_tokens``: the router's
+    deferral check), with what the answer needs to continue from them instead of generating them again."""
+
+    prompt_ids: tuple[int, ...]
+    tokens: tuple[int, ...]
+    logits: tuple[Any, ...]
+    """Each token's raw logits, ``[1, vocab]``."""
+    cache: Mapping[str, Any]
+    """The model's KV cache after them, keyed as ``generate`` takes it back; one continuation consumes it."""
+    generation_id: int | None = None
+    """The generation that generated them: only it continues them."""
+
+    @property
+    def confidence(self) -> float:
+        """Mean log-probability of the tokens: higher is surer (what deferral thresholds are calibrated on)."""
+        import torch  # only where a model answers
+
+        chosen = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(self.logits, self.tokens)]
+        return sum(chosen) / len(chosen) if chosen else -math.inf
 
 
 class LoadedGeneration:
@@ -152,10 +176,15 @@ class LoadedGeneration:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = None,
-                 cancelled: threading.Event | None = None) -> Completion:
+                 cancelled: threading.Event | None = None, draft: Draft | None = None) -> Completion:
         """Generate an answer (blocking). ``on_text`` receives the answer's text piece by piece as it grows;
         setting ``cancelled`` stops generation at the next token. ``params`` are filled in
-        (``SamplingDefaults.fill``)."""
+        (``SamplingDefaults.fill``).
+
+        A ``draft`` this generation made for this prompt (the router's deferral check) is the answer's start: its
+        tokens, greedy, are handed on first, and the rest continues from its KV cache, sampled as ``params`` say
+        (an end-of-turn token in the draft ends the answer there). Its tokens count once, within
+        ``max_new_tokens``; stop strings apply to the whole answer. Any other draft is not used."""
         import torch  # torch and transformers: only where a model is served
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -174,24 +203,33 @@ class LoadedGeneration:
         options: dict[str, Any] = {"do_sample": sampling}
         if sampling:
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        ids = torch.tensor([prompt_ids])
-        wants_logprobs = params.logprobs is not None
-        with self.lock, torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            started = time.perf_counter()
-            output = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                eos_token_id=self._stop_ids or None, pad_token_id=pad_id(self.tokenizer), streamer=stream,
-                stopping_criteria=StoppingCriteriaList([_Stop()]), return_dict_in_generate=True,
-                output_logits=wants_logprobs, **options)
-            seconds = time.perf_counter() - started
-        new_tokens = output.sequences[0, len(prompt_ids):].tolist()
+        if draft is not None and (draft.generation_id, draft.prompt_ids) != (self.generation_id, tuple(prompt_ids)):
+            draft = None  # another generation's or another prompt's
+        prefix = list(draft.tokens[:max_new]) if draft is not None else []
+        logits = list(draft.logits[:len(prefix)]) if draft is not None else []
+        stream.feed(prefix)
+        ended = len(prefix) == max_new or (bool(prefix) and prefix[-1] in self._stop_ids)
+        new_tokens, seconds, wants_logprobs = prefix, 0.0, params.logprobs is not None
+        if not (ended or stream.stopped):
+            ids = torch.tensor([prompt_ids + prefix])
+            cache = draft.cache if draft is not None and prefix else {}
+            with self.lock, torch.inference_mode():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                started = time.perf_counter()
+                output = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new - len(prefix),
+                    eos_token_id=self._stop_ids or None, pad_token_id=pad_id(self.tokenizer), streamer=stream,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]), return_dict_in_generate=True,
+                    output_logits=wants_logprobs, **options, **cache)
+                seconds = time.perf_counter() - started
+            new_tokens = prefix + output.sequences[0, ids.shape[1]:].tolist()
+            logits += output.logits or ()
         stream.finish()
         ended_by_model = bool(new_tokens) and new_tokens[-1] in self._stop_ids
         finish = "stop" if stream.stopped or ended_by_model or len(new_tokens) < max_new else "length"
         cut = stream.text if stream.stopped else None
-        logprobs = self._logprobs(new_tokens, output.logits, params.logprobs, cut) if wants_logprobs else None
+        logprobs = self._logprobs(new_tokens, logits, params.logprobs, cut) if wants_logprobs else None
         return Completion(stream.text, finish, len(prompt_ids), len(new_tokens), self.generation_id, seconds, logprobs)
 
     def _logprobs(self, new_tokens: list[int], logits: Sequence[Any], top: int,
@@ -241,10 +279,13 @@ class _TextStream:
         if not self._prompt_seen:  # generate() first hands the streamer the prompt itself
             self._prompt_seen = True
             return
-        if self.stopped:
-            return
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-        self._advance(final=False)
+        self.feed(int(t) for t in value.reshape(-1).tolist())
+
+    def feed(self, tokens: Iterable[int]) -> None:
+        """More of the answer's tokens (``put`` is how generate() hands them over)."""
+        if not self.stopped:
+            self.tokens.extend(tokens)
+            self._advance(final=False)
 
     def end(self) -> None:
         pass  # finish() runs after generate() returns, so that it sees the last token too

@@ -1,6 +1,7 @@
 """The cascade end to end on the tiny model: a specialist's cycle stores its routing index and thresholds in its
 generation, and ``"model": "auto"`` sends a prompt of its domain to it and a general one to main, each logged on
-the branch that answered; a specialist unsure of its answer defers to its parent line.
+the branch that answered; a specialist unsure of its answer defers to its parent line, and one that keeps the request
+answers on from the first tokens its check generated.
 
 The lineage (module-scoped, made through the CLI): main's cycle on the Python sample (generation 1), the
 specialist ``chem`` forked there for the chemistry domain, its cycle on the chemistry sample (generation 2). The
@@ -26,7 +27,8 @@ from fastapi.testclient import TestClient
 from selftune.daemon.context import Context
 from selftune.daemon.http.app import create_app
 from selftune.daemon.http.state import service_state
-from selftune.daemon.service.cascade import answer_confidence
+from selftune.daemon.service.cascade import answer_confidence, first_tokens
+from selftune.daemon.service.pool import ChampionPool, SamplingParams
 
 from .test_cycle import SAMPLES, cycle, selftune
 
@@ -163,4 +165,96 @@ def test_an_unsure_specialist_defers_to_its_parent_line_and_routing_can_be_turne
         logged = client.get(f"/v1/interactions/{answered.json()['id']}", headers=headers).json()
         decision = logged["metadata"]["route"]["decision"]
         assert (decision["routed"], decision["reason"]) == (False, "routing disabled")
+    context.store.engine.dispose()
+
+
+@pytest.fixture
+def sure_specialist(lineage: tuple[Path, int]) -> Any:
+    """(app, the chemistry request, the specialist's greedy first tokens for it, and the number of positions of
+    each forward pass of the specialist's model), with a specialist that is always sure: it keeps every request."""
+    from selftune.learners.chat import end_token_ids
+
+    state, chem = lineage
+    context = Context.open(str(state))
+    app = create_app(context, preload=False)
+    router = service_state(app).router
+    assert router is not None
+    loaded = router.refresh()
+    router._specialists = {"chem": dataclasses.replace(loaded["chem"], deferral_threshold=-math.inf)}
+    specialist = service_state(app).pool.get("chem")
+    messages = [{"role": "user", "content": held_out_prompts(state, chem)[0]}]
+    check = first_tokens(specialist.model, specialist.tokenizer, specialist.prompt_ids(messages),
+                         context.config.routing.deferral_tokens)
+    assert len(check.tokens) == 8 and check.tokens[-1] not in end_token_ids(specialist.model, specialist.tokenizer)
+    positions: list[int] = []
+    hook = specialist.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: positions.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    yield app, messages, specialist.tokenizer.decode(check.tokens, skip_special_tokens=True).lstrip(), positions
+    hook.remove()
+    context.store.engine.dispose()
+
+
+def test_a_kept_request_answers_on_from_the_deferral_checks_tokens_plain_and_streamed(
+        sure_specialist: Any, lineage: tuple[Path, int], token_for: Callable[[Path, str], str]) -> None:
+    app, messages, check, positions = sure_specialist
+    headers = {"Authorization": f"Bearer {token_for(lineage[0], 'admin')}"}
+    # sampled: an answer generated afresh would not start with the check's greedy tokens
+    body = {"model": "auto", "messages": messages, "max_tokens": 12, "temperature": 1.0, "seed": 3}
+    with TestClient(app) as client:
+        answered = client.post("/v1/chat/completions", json=body, headers=headers).json()
+        text, usage = answered["choices"][0]["message"]["content"], answered["usage"]
+        assert answered["model"].startswith("chem@") and text.startswith(check) and len(text) > len(check)
+        assert usage["completion_tokens"] == 12 and answered["choices"][0]["finish_reason"] == "length"
+        # each answer token generated once, the prompt read once: the check's forwards and its KV cache are reused
+        assert len(positions) == 12 and sum(positions) == usage["prompt_tokens"] + 12 - 1
+        logged = client.get(f"/v1/interactions/{answered['id']}", headers=headers).json()
+        assert logged["messages"][-1]["content"] == text and logged["branch"] == "chem"
+
+        positions.clear()
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", json=streamed, headers=headers) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        pieces = [e["choices"][0]["delta"]["content"] for e in events if e["choices"][0]["delta"].get("content")]
+        assert pieces[0].startswith(check) and len(pieces) > 1  # the check's tokens first, then the rest
+        assert events[-1]["usage"]["completion_tokens"] == 12 and len(positions) == 12
+        logged = client.get(f"/v1/interactions/{events[-1]['interaction_id']}", headers=headers).json()
+        assert logged["messages"][-1]["content"] == "".join(pieces)
+
+
+def test_max_tokens_and_stop_strings_bound_the_whole_answer_the_checks_tokens_included(
+        sure_specialist: Any, lineage: tuple[Path, int], token_for: Callable[[Path, str], str]) -> None:
+    app, messages, check, positions = sure_specialist
+    headers = {"Authorization": f"Bearer {token_for(lineage[0], 'admin')}"}
+    body = {"model": "auto", "messages": messages, "max_tokens": 16, "temperature": 1.0, "seed": 3}
+
+    def answer(**changes: Any) -> dict[str, Any]:
+        positions.clear()
+        return client.post("/v1/chat/completions", json={**body, **changes}, headers=headers).json()["choices"][0]
+
+    with TestClient(app) as client:
+        whole = answer()["message"]["content"]
+        short = answer(max_tokens=3)  # fewer than the check's 8: the answer is the check's first 3
+        assert short["finish_reason"] == "length" and check.startswith(short["message"]["content"])
+        assert len(positions) == 8  # the check's forwards only
+        rest = whole[len(check):]  # sampled: the same seed samples the same rest
+        stop = rest[len(rest) // 3:][:3]
+        assert whole.index(stop) > len(check)
+        stopped = answer(stop=stop)
+        assert (stopped["message"]["content"], stopped["finish_reason"]) == (whole[:whole.index(stop)], "stop")
+        assert 8 < len(positions) < 16  # generation stopped at the stop string, past the check's tokens
+
+
+def test_a_draft_is_answered_on_only_by_the_generation_that_made_it_for_that_prompt(lineage: tuple[Path, int]) -> None:
+    state, chem = lineage
+    context = Context.open(str(state))
+    specialist = ChampionPool(context).get("chem")
+    prompt = specialist.prompt_ids([{"role": "user", "content": GENERAL}])
+    draft = dataclasses.replace(first_tokens(specialist.model, specialist.tokenizer, prompt, 4), generation_id=chem)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, seed=3)
+    fresh = specialist.generate(prompt, params).text  # sampled
+    greedy = specialist.tokenizer.decode(draft.tokens, skip_special_tokens=True).lstrip()
+    assert specialist.generate(prompt, params, draft=draft).text == greedy != fresh
+    # a champion that moved since the check, or a draft of another prompt: the answer starts afresh
+    for other in (dataclasses.replace(draft, generation_id=1), dataclasses.replace(draft, prompt_ids=prompt[:-1])):
+        assert specialist.generate(prompt, params, draft=other).text == fresh
     context.store.engine.dispose()

@@ -240,8 +240,10 @@ class _Exchange:
                on_text: Callable[[str], None] | None = None) -> tuple[Completion, int | None]:
         """Generate the answer and log the exchange (blocking: one worker thread does both, so that an answer is
         logged even when no one is left to await it). ``gone`` set (the client went away) stops generation at the
-        next token; what was generated is logged with the finish reason ``CLIENT_DISCONNECTED``."""
-        completion = self.model.generate(self.prompt_ids, self.params, on_text, gone)
+        next token; what was generated is logged with the finish reason ``CLIENT_DISCONNECTED``. The first tokens
+        the router generated with this model (its deferral check) start the answer, streamed first."""
+        draft = self.target.decision.draft if self.target.decision is not None else None
+        completion = self.model.generate(self.prompt_ids, self.params, on_text, gone, draft)
         if gone.is_set():
             completion = replace(completion, finish_reason=CLIENT_DISCONNECTED)
         return completion, _log_exchange(context, self.body, self.messages, completion, self.external_id, self.target)
