@@ -190,6 +190,7 @@ def main() -> int:
           "are in a batch, so replay vs plain compares time per token; EWC vs replay-only has identical batches.")
     for representation, seconds in fisher_seconds.items():
         print(f"Fisher estimate ({representation}, {args.fisher_examples} examples): {seconds:.1f} s")
+    print(f"peak RSS (this process, every arm trained in it): {jobs.peak_rss_mb():.0f} MiB")
     summary = {name: {"s_per_step": s, "tokens_per_s": t} for name, (s, t) in base.items()}
     (args.workdir / "throughput.json").write_text(json.dumps(summary, indent=2))
     return 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selftune.policies.training import TrainConfig
+from selftune.policies.training import TrainConfig, cycle_threads
 
 from .chat import IGNORE_INDEX, pad_id
 from .data import Encoded, batches
@@ -37,12 +37,13 @@ def pick_device() -> torch.device:
 
 
 def set_threads(threads: int) -> None:
-    """Torch intra-op threads; 0 means all cores but one (at least one), which stays free for serving.
+    """Torch intra-op threads: a positive count as given (a cycle's worker passes the one it decided,
+    ``policies.training.cycle_threads``); 0 (a job run on its own) all cores but one, at least one.
 
     Measured here (SmolLM2-135M, 2 cores, the other core busy): 2 threads took 39 s a step, 1 thread 2.7 s --
     OpenMP threads that wait on a busy core stall every step.
     """
-    torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(cycle_threads(threads, os.cpu_count() or 1, service_running=True))
 
 
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")

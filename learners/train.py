@@ -181,6 +181,7 @@ def run_job(workdir: str | Path, stop_requested: Callable[[], bool] = lambda: Fa
         "replay_buffer": buffer_members(policy) if policy is not None else [],
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "peak_rss_mb": jobs.peak_rss_mb(),
         "seconds_this_run": round(time.perf_counter() - started, 2),
     }
     jobs.atomic_write_json(workdir / jobs.RESULT_FILE, result)

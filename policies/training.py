@@ -19,6 +19,14 @@ SELECTIONS: tuple[str, ...] = ("reservoir", "diversity")
 FISHER_REPRESENTATIONS: tuple[str, ...] = ("rank1", "dense")
 
 
+def cycle_threads(configured: int, cores: int, service_running: bool) -> int:
+    """Torch threads for a cycle's training and evaluation: ``train.threads`` if set; else every core, but one
+    left for serving while a service runs on the state; at least one."""
+    if configured > 0:
+        return configured
+    return max(1, cores - 1 if service_running else cores)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lora_rank: int = 8
@@ -49,7 +57,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order, the replay draws, the adapter's initialisation and dropout: same seed, same adapter."""
     threads: int = 0
-    """Torch threads in the training process; 0 means all cores but one (at least one), left for serving."""
+    """Torch threads of a cycle's training and evaluation; 0 means all cores, or all but one (at least one) while
+    ``selftune serve`` runs on the state and needs one for serving (``cycle_threads``)."""
     checkpoint_every: int = 25
     """Write a resumable checkpoint every this many steps (and always on SIGTERM); 0 means only on SIGTERM."""
     progress_every: int = 1
@@ -95,7 +104,7 @@ class TrainConfig:
         if self.seed < 0:
             out.append(f"train.seed = {self.seed}: use 0 or a positive integer")
         if self.threads < 0:
-            out.append(f"train.threads = {self.threads}: use 0 (all cores but one) or a positive count")
+            out.append(f"train.threads = {self.threads}: use 0 (all cores, but one while serving) or a positive count")
         if self.checkpoint_every < 0:
             out.append(f"train.checkpoint_every = {self.checkpoint_every}: use 0 (only on SIGTERM) or a positive count")
         if self.progress_every < 1:

@@ -26,6 +26,8 @@ from selftune.daemon.cycle.workdir import WORKER_LOG_FILE, WORKER_PID_FILE, cycl
 FIRST_STEP = "select"
 LOCK_FILE = "cycle.lock"
 """In the state directory: held while checking for a running cycle and starting one."""
+SERVICE_LOCK_FILE = "serve.lock"
+"""In the state directory: held by ``selftune serve`` while it runs (the kernel drops it when the process ends)."""
 
 
 @contextmanager
@@ -34,6 +36,27 @@ def _cycle_lock(context: Context) -> Iterator[None]:
     with open(context.state / LOCK_FILE, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+@contextmanager
+def service_lock(context: Context) -> Iterator[None]:
+    """Held (shared) for as long as a service runs on the state, so that a cycle's worker can tell."""
+    context.state.mkdir(parents=True, exist_ok=True)
+    with open(context.state / SERVICE_LOCK_FILE, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a worker is looking (``service_running``)
+        yield
+
+
+def service_running(context: Context) -> bool:
+    """Whether a ``selftune serve`` runs on the state right now (a cycle then leaves it a core: ``cycle_threads``)."""
+    try:
+        with open(context.state / SERVICE_LOCK_FILE) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def running_cycle(context: Context) -> Cycle | None:

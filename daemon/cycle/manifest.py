@@ -16,6 +16,9 @@ from selftune.daemon.cycle.workdir import (
     SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, Work,
 )
 
+RESOURCES_RESULT = "resources.json"
+"""In the cycle's directory: the worker's peak resident memory, written as evaluation ends (its peak)."""
+
 
 def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
     """generation.json: parent, branch (its scope and settings), cycle, data snapshot, training settings,
@@ -49,7 +52,11 @@ def generation_manifest(work: Work, generation_id: int) -> dict[str, Any]:
                      "lora_rank": config.train.lora_rank, "batch_size": config.train.batch_size,
                      "tokens": trained.get("tokens"), "replay_ratio": config.replay.ratio,
                      "rehearsal_ratio": config.replay.rehearsal_ratio,
-                     "ewc_lambda": config.ewc.strength, "curves": trained.get("curves", {})},
+                     "ewc_lambda": config.ewc.strength, "threads": trained.get("threads"),
+                     "curves": trained.get("curves", {})},
+        # peak resident memory (MiB) of the trainer and of the worker, which evaluates
+        "resources": {"train_peak_rss_mb": trained.get("peak_rss_mb"),
+                      **(work.read_optional(RESOURCES_RESULT) or {"evaluate_peak_rss_mb": None})},
         "merge": work.read_optional(MERGE_RESULT),
         "pruning": {**(work.read_optional(PRUNE_RESULT) or {"enabled": False}),
                     "heal": work.read_optional(HEAL_RESULT) or {"enabled": False}},

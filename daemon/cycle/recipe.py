@@ -24,6 +24,7 @@ from typing import Any
 # torch, transformers and peft load at import: only the worker process imports this module, and it evaluates.
 from selftune.learners import heal as distill
 from selftune.learners import jobs
+from selftune.learners.lm import set_threads
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
 from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_within_budget
@@ -31,10 +32,11 @@ from selftune.policies.config import Config
 from selftune.policies.gates import GateResult, evaluate_gates, promotion_decision
 from selftune.policies.records import CHALLENGER, Cycle
 from selftune.policies.selection import golden_prompts, select_training_data
+from selftune.policies.training import cycle_threads
 
 from selftune.daemon.context import Context
-from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps
-from selftune.daemon.cycle.manifest import carries_fisher, generation_manifest
+from selftune.daemon.cycle.control import FIRST_STEP, close_running_steps, service_running
+from selftune.daemon.cycle.manifest import RESOURCES_RESULT, carries_fisher, generation_manifest
 from selftune.daemon.cycle.probes import foundation_probe, foundation_rehearsal
 from selftune.daemon.cycle.routing import build_routing, copy_route_index, near_duplicate_drops
 from selftune.daemon.cycle.rows import (
@@ -128,7 +130,7 @@ def train(work: Work) -> dict[str, Any]:
         parent_fisher = work.parent_dir / jobs.FISHER_FILE
         jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read(SELECT_RESULT)["train"],
                        replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
-                       experience=work.cycle.id, train=config.train,
+                       experience=work.cycle.id, train=replace(config.train, threads=work.threads),
                        replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
     result, curves = _run_training(work, workdir, config.train.steps)
     work.write(TRAIN_RESULT, {**result, "curves": curves})
@@ -257,7 +259,8 @@ def heal(work: Work) -> dict[str, Any]:
     if config.pruning.heal_kind == "distill":
         if not (workdir / jobs.JOB_FILE).exists():
             distill.write_heal_job(workdir, student=work.path(PRUNED_DIR), teacher=work.path(MERGED_DIR),
-                                   prune_report=pruned, pruning=config.pruning, train=config.train,
+                                   prune_report=pruned, pruning=config.pruning,
+                                   train=replace(config.train, threads=work.threads),
                                    kept_ids=load_kept_ids(work.path(PRUNED_DIR)), out_dir=work.path(HEALED_DIR), **rows)
         result, curves = _run_training(work, workdir, config.pruning.heal_steps, start=distill.start_heal)
         if (work.path(PRUNED_DIR) / KEPT_IDS_FILE).exists():
@@ -265,7 +268,8 @@ def heal(work: Work) -> dict[str, Any]:
     else:
         if not (workdir / jobs.JOB_FILE).exists():
             jobs.write_job(workdir, base_model=work.path(PRUNED_DIR), experience=work.cycle.id,
-                           train=replace(config.train, steps=config.pruning.heal_steps), replay=config.replay,
+                           train=replace(config.train, steps=config.pruning.heal_steps, threads=work.threads),
+                           replay=config.replay,
                            ewc=replace(config.ewc, strength=0.0, fisher_examples=0), **rows)
         result, curves = _run_training(work, workdir, config.pruning.heal_steps)
         try:
@@ -309,6 +313,7 @@ def evaluate(work: Work) -> dict[str, Any]:
     for name, fields in decode_speeds(work.parent_dir, timed).items():  # timed together: see suites.decode_speeds
         suites[name].update(fields)
     work.write(EVALUATE_RESULT, suites)
+    work.write(RESOURCES_RESULT, {"evaluate_peak_rss_mb": jobs.peak_rss_mb()})  # the worker's: evaluation is its peak
     return {name: {k: v for k, v in suite.items() if k != "samples"} for name, suite in suites.items()}
 
 
@@ -389,6 +394,12 @@ def run_cycle(context: Context, cycle_id: int) -> Cycle:
         parent = tx.generations.get(cycle.parent_generation_id)
     work = Work(context, cycle, parent)
     work.dir.mkdir(parents=True, exist_ok=True)
+    # Decided once, here, as the worker starts (or resumes): its evaluation and its trainers use these.
+    serving, cores = service_running(context), os.cpu_count() or 1
+    work = replace(work, threads=cycle_threads(work.config.train.threads, cores, serving))
+    set_threads(work.threads)
+    log.info("cycle %s: %s torch thread(s) (train.threads = %s, %s cores, %s)", cycle_id, work.threads,
+             work.config.train.threads, cores, "serving: one core left for it" if serving else "no service")
     with context.store.transaction(write=True) as tx:  # steps a crash cut short are re-run below; close their records
         close_running_steps(tx, cycle_id, "interrupted")
     for step in STEPS[STEPS.index(cycle.state):]:

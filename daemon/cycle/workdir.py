@@ -89,6 +89,8 @@ class Work:
     context: Context
     cycle: Cycle
     parent: Generation
+    threads: int = 0
+    """Torch threads of the cycle's training and evaluation, as ``recipe.run_cycle`` decided them (0: not yet)."""
 
     @cached_property
     def branch(self) -> dict[str, Any]:

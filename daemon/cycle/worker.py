@@ -16,7 +16,6 @@ import traceback
 from types import FrameType
 
 from selftune.learners.jobs import exit_now
-from selftune.learners.lm import set_threads  # torch: this process evaluates (the recipe loads it anyway)
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import close_running_steps
@@ -36,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     context = Context.open(args.state, args.config)
-    set_threads(context.config.train.threads)  # for evaluation here; training runs in the trainer's process
     signal.signal(signal.SIGTERM, _cancel)
 
     try:

@@ -36,7 +36,7 @@ from selftune.policies.errors import ConfigError
 from selftune.policies.records import Cycle
 
 from selftune.daemon.context import Context
-from selftune.daemon.cycle.control import cancel_cycle, resume_cycles, running_cycle, worker_alive
+from selftune.daemon.cycle.control import cancel_cycle, resume_cycles, running_cycle, service_lock, worker_alive
 from selftune.daemon.http.app import create_app
 from selftune.daemon.http.routers.health import readiness
 from selftune.daemon.http.state import ServiceState
@@ -283,8 +283,9 @@ def run_service(context: Context, host: str, port: int) -> int:
 
     if context.config.model.threads:
         torch.set_num_threads(context.config.model.threads)
-    context.store  # noqa: B018 - migrate before anything listens, so a broken database fails the start
-    return asyncio.run(Service(context, host, port).run())
+    with service_lock(context):  # a cycle's worker sees it and leaves a core for serving
+        context.store  # noqa: B018 - migrate before anything listens, so a broken database fails the start
+        return asyncio.run(Service(context, host, port).run())
 
 
 def _quiet_libraries() -> None:

@@ -80,6 +80,9 @@ def test_a_cycle_makes_a_promoted_generation(state: Path, tmp_path: Path) -> Non
     assert set(manifest["training"]) >= {"steps", "learning_rate", "lora_rank", "batch_size", "tokens",
                                          "replay_ratio", "ewc_lambda"}
     assert manifest["training"]["steps"] == 12 and manifest["training"]["tokens"] > 0
+    assert manifest["training"]["threads"] == 1  # train.threads = 1 (FAST): the trainer ran with what was decided
+    resources = manifest["resources"]  # peak resident memory of the trainer and of the evaluating worker, MiB
+    assert resources["train_peak_rss_mb"] > 10 and resources["evaluate_peak_rss_mb"] > 10, resources
     for suite in (manifest["metrics"]["candidate"], manifest["metrics"]["parent"]):  # per byte, per token beside
         assert suite["loss_unit"] == "nats/byte" and suite["per_token_unit"] == "nats/token"
         assert suite["new_data_loss_per_token"] > suite["new_data_loss"] > 0  # a token holds more than one byte
@@ -89,6 +92,7 @@ def test_a_cycle_makes_a_promoted_generation(state: Path, tmp_path: Path) -> Non
     assert (work / "gate.json").exists() and (work / "train" / "adapter").exists()
     assert not (work / "merged").exists() and not (work / "train" / "checkpoint").exists()
     assert "it/s]" not in (work / "worker.log").read_text()  # no transformers progress bars in the worker's log
+    assert "1 torch thread(s) (train.threads = 1" in (work / "worker.log").read_text()  # the decision, logged
     generations = json.loads(selftune(state, "generations", "--json").stdout)
     assert [(g["id"], g["status"], g["aliases"]) for g in generations] == [(0, "promoted", []), (1, "promoted", ["champion"])]
     # nothing new to learn: the next cycle is skipped, and the champion stays
