@@ -111,7 +111,7 @@ def _resolve_interaction(tx: UnitOfWork, reference: str) -> int:
 
 
 @router.post("/v1/interactions", response_model=IngestResponse, openapi_extra=INGEST_BODY,
-             summary="Log interactions: one object or a list; OpenAI chat, ShareGPT or prompt/response rows",
+             summary="Log interactions: one object or a list; OpenAI chat or preference, ShareGPT or prompt/response rows",
              description="Idempotent: a row with an `id` (external id) already stored on its branch, or the "
                          "same content without one, counts as a duplicate. A list with one invalid row is "
                          "refused whole (422, every bad row named) and nothing is written.")
