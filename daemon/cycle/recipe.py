@@ -9,7 +9,6 @@ records it in the database, so no half-made generation is ever seen.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from selftune.learners.lm import set_threads
 from selftune.learners.merge import NonFiniteWeightsError, merge_adapter
 from selftune.learners.prune import prune_directory
 from selftune.learners.vocab import KEPT_IDS_FILE, load_kept_ids, trim_within_budget
-from selftune.policies.config import Config
 from selftune.policies.gates import GateResult, evaluate_gates, promotion_decision
 from selftune.policies.records import CHALLENGER, Cycle
 from selftune.policies.selection import golden_prompts, select_training_data
@@ -45,10 +43,11 @@ from selftune.daemon.cycle.rows import (
 from selftune.daemon.cycle.suites import (
     decode_speeds, experience_rows, finite_weights_gate, foundation_suite, measure, suite_metrics,
 )
+from selftune.daemon.cycle.trainer import Cancelled, Rejected, run_job, stop_orphan_trainer
 from selftune.daemon.cycle.workdir import (
     EVALUATE_RESULT, GATE_RESULT, GENERATION_ID_FILE, HEAL_DIR, HEAL_RESULT, HEALED_DIR, INTERMEDIATES,
-    MERGE_RESULT, MERGED_DIR, PROGRESS_FILE, PRUNE_RESULT, PRUNED_DIR, REHEARSAL_RESULT, REPLAY_RESULT,
-    SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, TRAINER_PID_FILE, TRIMMED_DIR, Work, cycle_dir,
+    MERGE_RESULT, MERGED_DIR, PRUNE_RESULT, PRUNED_DIR, REHEARSAL_RESULT, REPLAY_RESULT,
+    SELECT_RESULT, TRAIN_DIR, TRAIN_RESULT, TRIMMED_DIR, Work, cycle_dir,
 )
 from selftune.daemon.lineage import make_champion
 from selftune.daemon.reports.render import write_reports
@@ -62,20 +61,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", KEPT_IDS_FILE)
 """The candidate's transformers files a generation holds (with the trainer's adapter and Fisher, same names);
 a trimmed vocabulary's record of the parent ids it kept too."""
-
-
-class Cancelled(BaseException):
-    """Raised in the worker by SIGTERM (a BaseException, so no step swallows it).
-
-    The step it stops is recorded "cancelled", and so is the cycle (by the worker)."""
-
-
-class Rejected(Exception):
-    """The candidate cannot become a generation (e.g. non-finite weights); the reason is its failed gate."""
-
-    def __init__(self, gate: GateResult) -> None:
-        super().__init__(gate.reason)
-        self.gate = gate
 
 
 # -- the steps ------------------------------------------------------------------------------------------
@@ -125,73 +110,16 @@ def train(work: Work) -> dict[str, Any]:
     """LoRA on the parent with replay and EWC, in a child process that checkpoints and can resume."""
     config = work.config
     workdir = work.path(TRAIN_DIR)
-    _stop_orphan_training(work)
+    stop_orphan_trainer(work)
     if not (workdir / jobs.JOB_FILE).exists():
         parent_fisher = work.parent_dir / jobs.FISHER_FILE
         jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read(SELECT_RESULT)["train"],
                        replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
                        experience=work.cycle.id, train=replace(config.train, threads=work.threads),
                        replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
-    result, curves = _run_training(work, workdir, config.train.steps)
+    result, curves = run_job(work, workdir, config.train.steps)
     work.write(TRAIN_RESULT, {**result, "curves": curves})
     return {k: result.get(k) for k in ("steps", "tokens", "loss_first", "loss_last", "tokens_per_s", "ewc_applied")}
-
-
-def _run_training(work: Work, workdir: Path, total_steps: int,
-                  start: Callable[[Path], jobs.TrainingRun] = jobs.start_training) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Start (or resume) the job in ``workdir`` as a child process (a training job, or what ``start`` starts:
-    the heal) and watch it to the end. A job whose weights went non-finite rejects the candidate. Cancelled, the
-    job checkpoints and exits, or is killed (and logged) after ``trainer_stop_timeout``."""
-    run = start(workdir)
-    try:
-        work.path(TRAINER_PID_FILE).write_text(str(run.pid))
-        while run.poll() is None:
-            _report_progress(work, run.last_progress(), total_steps)
-            time.sleep(1.0)
-    except Cancelled:
-        run.stop(timeout=trainer_stop_timeout(work.config))  # a later resume goes on from its checkpoint
-        raise
-    result = run.result()
-    if run.poll() != 0 or result is None:
-        failure = distill.heal_failure(workdir)
-        if isinstance(failure, NonFiniteWeightsError):
-            raise Rejected(GateResult("finite_weights", False, None, None, None, f"{workdir.name}: {failure}")) from failure
-        detail = (run.failure() or {}).get("error") or f"exited with status {run.poll()}; see {workdir / jobs.LOG_FILE}"
-        raise RuntimeError(f"{workdir.name} job failed: {detail}")
-    curves = {key: [p.get(key) for p in run.progress()] for key in ("step", "loss", "ewc_penalty", "tokens_per_s", "lr", "replayed", "sequences")}
-    return result, curves
-
-
-def trainer_stop_timeout(config: Config) -> float:
-    """How long a cancelled worker waits for its trainer before killing it: three quarters of
-    ``server.stop_timeout_seconds``, so that the worker's own exit (records closed, connections disposed) still
-    ends within it."""
-    return 0.75 * config.server.stop_timeout_seconds
-
-
-def _stop_orphan_training(work: Work) -> None:
-    """A trainer left running by a killed worker is stopped (it checkpoints) before the step starts again; killed
-    if it is still there after ``server.stop_timeout_seconds``."""
-    try:
-        pid = int(work.path(TRAINER_PID_FILE).read_text())
-        os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return
-    deadline = time.monotonic() + work.config.server.stop_timeout_seconds
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    log.warning("the trainer left running (pid %s) did not stop within server.stop_timeout_seconds: killed", pid)
-    with contextlib.suppress(ProcessLookupError):  # it may have exited just now
-        os.kill(pid, signal.SIGKILL)
-
-
-def _report_progress(work: Work, last: dict[str, Any] | None, total_steps: int) -> None:
-    if last is not None:
-        work.write(PROGRESS_FILE, {**last, "total_steps": total_steps})
 
 
 def merge(work: Work) -> dict[str, Any]:
@@ -254,7 +182,7 @@ def heal(work: Work) -> dict[str, Any]:
     workdir = work.path(HEAL_DIR)
     rows = {"train_rows": work.read(SELECT_RESULT)["train"], "replay_rows": work.read(REPLAY_RESULT),
             "rehearsal_rows": work.read(REHEARSAL_RESULT)}
-    _stop_orphan_training(work)
+    stop_orphan_trainer(work)
     shutil.rmtree(work.path(HEALED_DIR), ignore_errors=True)
     if config.pruning.heal_kind == "distill":
         if not (workdir / jobs.JOB_FILE).exists():
@@ -262,7 +190,7 @@ def heal(work: Work) -> dict[str, Any]:
                                    prune_report=pruned, pruning=config.pruning,
                                    train=replace(config.train, threads=work.threads),
                                    kept_ids=load_kept_ids(work.path(PRUNED_DIR)), out_dir=work.path(HEALED_DIR), **rows)
-        result, curves = _run_training(work, workdir, config.pruning.heal_steps, start=distill.start_heal)
+        result, curves = run_job(work, workdir, config.pruning.heal_steps, start=distill.start_heal)
         if (work.path(PRUNED_DIR) / KEPT_IDS_FILE).exists():
             shutil.copy2(work.path(PRUNED_DIR) / KEPT_IDS_FILE, work.path(HEALED_DIR) / KEPT_IDS_FILE)
     else:
@@ -271,7 +199,7 @@ def heal(work: Work) -> dict[str, Any]:
                            train=replace(config.train, steps=config.pruning.heal_steps, threads=work.threads),
                            replay=config.replay,
                            ewc=replace(config.ewc, strength=0.0, fisher_examples=0), **rows)
-        result, curves = _run_training(work, workdir, config.pruning.heal_steps)
+        result, curves = run_job(work, workdir, config.pruning.heal_steps)
         try:
             merge_adapter(work.path(PRUNED_DIR), workdir / jobs.ADAPTER_DIR, work.path(HEALED_DIR))
         except NonFiniteWeightsError as exc:

@@ -19,7 +19,8 @@ from selftune.learners.jobs import exit_now
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.control import close_running_steps
-from selftune.daemon.cycle.recipe import Cancelled, run_cycle
+from selftune.daemon.cycle.trainer import Cancelled
+from selftune.daemon.cycle.recipe import run_cycle
 
 
 def _cancel(signum: int, frame: FrameType | None) -> None:

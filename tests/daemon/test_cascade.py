@@ -28,7 +28,8 @@ from selftune.daemon.context import Context
 from selftune.daemon.http.app import create_app
 from selftune.daemon.http.state import service_state
 from selftune.daemon.service.cascade import answer_confidence, first_tokens
-from selftune.daemon.service.pool import ChampionPool, SamplingParams
+from selftune.daemon.service.pool import ChampionPool
+from selftune.daemon.service.sampling import SamplingParams
 
 from .test_cycle import SAMPLES, cycle, selftune
 

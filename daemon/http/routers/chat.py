@@ -52,11 +52,12 @@ from selftune.daemon.context import Context
 from selftune.daemon.http.auth import Ingest
 from selftune.daemon.http.errors import Problem, invalid, validation_problem
 from selftune.daemon.http.routers.generations import model_not_found
-from selftune.daemon.http.routers.interactions import CHAT_ID_PREFIX
 from selftune.daemon.http.schemas import ChatCompletionRequest
 from selftune.daemon.http.state import ServiceState, StateDep
 from selftune.daemon.service.models import ModelNotFoundError, Target
-from selftune.daemon.service.pool import Completion, LoadedGeneration, SamplingParams, TokenLogprob
+from selftune.daemon.service.pool import Completion, LoadedGeneration, TokenLogprob
+from selftune.daemon.service.sampling import SamplingParams
+from selftune.daemon.views import CHAT_ID_PREFIX
 
 log = logging.getLogger(__name__)
 MAX_WAITING_GENERATIONS = 32
