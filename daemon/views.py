@@ -6,10 +6,31 @@ from collections import defaultdict
 from typing import Any
 
 from selftune.policies.branches import overrides
+from selftune.policies.errors import NotFoundError
 from selftune.policies.records import CHAMPION, Cycle, Feedback, Interaction
+from selftune.storage.contracts import UnitOfWork
 
 from selftune.daemon.context import Context
 from selftune.daemon.cycle.workdir import GATE_RESULT, PROGRESS_FILE, cycle_dir, read_result
+
+
+CHAT_ID_PREFIX = "chatcmpl-"
+"""Chat completions are logged under ``chatcmpl-<hex>`` external ids; feedback takes those ids too."""
+
+
+def resolve_interaction(tx: UnitOfWork, reference: str) -> int:
+    """An interaction id, or a chat completion id (the external id its exchange was logged under)."""
+    if reference.isascii() and reference.isdigit() and int(reference) < 2**63:  # ids are 64-bit in the database
+        interaction_id = int(reference)
+        tx.interactions.get(interaction_id)
+        return interaction_id
+    if reference.startswith(CHAT_ID_PREFIX):
+        for branch in tx.branches.list():
+            found = tx.interactions.find_by_external_id(branch.name, reference)
+            if found is not None:
+                return found.id
+    raise NotFoundError(f"interaction {reference[:80]!r} does not exist: use the id that POST /v1/interactions "
+                        "or POST /v1/chat/completions returned")
 
 
 def generations_view(context: Context) -> list[dict[str, Any]]:

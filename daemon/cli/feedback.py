@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +10,7 @@ from selftune.policies.errors import InvalidRecordError
 from selftune.policies.ingest import parse_feedback
 
 from selftune.daemon import views
-from selftune.daemon.cli.common import JsonOption, console, fail, open_context
+from selftune.daemon.cli.common import JsonOption, console, fail, open_context, print_json
 
 
 def feedback(ctx: typer.Context,
@@ -32,13 +31,12 @@ def feedback(ctx: typer.Context,
         items = parse_feedback({key: value for key, value in given.items() if value is not None})
     except InvalidRecordError as exc:
         fail(exc.reason)
-    from selftune.daemon.http.routers.interactions import _resolve_interaction as resolve_interaction
 
     context = open_context(ctx)
     with context.store.transaction(write=True) as tx:
-        stored = [views.feedback_view(tx.feedback.add(resolve_interaction(tx, interaction), item)) for item in items]
+        stored = [views.feedback_view(tx.feedback.add(views.resolve_interaction(tx, interaction), item)) for item in items]
     if as_json:
-        print(json.dumps({"interaction_id": stored[0]["interaction_id"], "feedback": stored}))
+        print_json({"interaction_id": stored[0]["interaction_id"], "feedback": stored})
     else:
         kinds = ", ".join(item["kind"] for item in stored)
         console.print(f"stored {kinds} on interaction {stored[0]['interaction_id']}", highlight=False)

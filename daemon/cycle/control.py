@@ -32,7 +32,7 @@ SERVICE_LOCK_FILE = "serve.lock"
 
 @contextmanager
 def _cycle_lock(context: Context) -> Iterator[None]:
-    context.state.mkdir(parents=True, exist_ok=True)
+    context.make_state_dir()
     with open(context.state / LOCK_FILE, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
@@ -41,7 +41,7 @@ def _cycle_lock(context: Context) -> Iterator[None]:
 @contextmanager
 def service_lock(context: Context) -> Iterator[None]:
     """Held (shared) for as long as a service runs on the state, so that a cycle's worker can tell."""
-    context.state.mkdir(parents=True, exist_ok=True)
+    context.make_state_dir()
     with open(context.state / SERVICE_LOCK_FILE, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while a worker is looking (``service_running``)
         yield

@@ -12,7 +12,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 
-from selftune.policies.errors import ConflictError, InvalidRecordError, NotFoundError
+from selftune.policies.errors import ConflictError, InvalidRecordError
 from selftune.policies.ingest import FORMATS, RowDefaults, parse_feedback, parse_row
 from selftune.policies.records import InteractionIn
 from selftune.storage.contracts import UnitOfWork
@@ -24,9 +24,6 @@ from selftune.daemon.http.errors import Problem, invalid
 from selftune.daemon.http.schemas import FEEDBACK_BODY, INGEST_BODY, Int64, IngestResponse, Text
 from selftune.daemon.http.state import StateDep
 from selftune.daemon.lineage import domain_routes
-
-CHAT_ID_PREFIX = "chatcmpl-"
-"""Chat completions are logged under ``chatcmpl-<hex>`` external ids; feedback takes those ids too."""
 
 router = APIRouter(tags=["interactions"])
 
@@ -95,21 +92,6 @@ def _single_row_id(tx: UnitOfWork, row: InteractionIn, accepted: int) -> int | N
     return tx.interactions.max_id(row.branch) if accepted else None
 
 
-def _resolve_interaction(tx: UnitOfWork, reference: str) -> int:
-    """An interaction id, or a chat completion id (the external id its exchange was logged under)."""
-    if reference.isascii() and reference.isdigit() and int(reference) < 2**63:  # ids are 64-bit in the database
-        interaction_id = int(reference)
-        tx.interactions.get(interaction_id)
-        return interaction_id
-    if reference.startswith(CHAT_ID_PREFIX):
-        for branch in tx.branches.list():
-            found = tx.interactions.find_by_external_id(branch.name, reference)
-            if found is not None:
-                return found.id
-    raise NotFoundError(f"interaction {reference[:80]!r} does not exist: use the id that POST /v1/interactions "
-                        "or POST /v1/chat/completions returned")
-
-
 @router.post("/v1/interactions", response_model=IngestResponse, openapi_extra=INGEST_BODY,
              summary="Log interactions: one object or a list; OpenAI chat or preference, ShareGPT or prompt/response rows",
              description="Idempotent: a row with an `id` (external id) already stored on its branch, or the "
@@ -144,7 +126,7 @@ async def post_feedback(request: Request, state: StateDep, token: Ingest,
 
     def store() -> list[dict[str, Any]]:
         with state.context.store.transaction(write=True) as tx:
-            target = _resolve_interaction(tx, interaction_id)
+            target = views.resolve_interaction(tx, interaction_id)
             return [views.feedback_view(tx.feedback.add(target, item)) for item in items]
 
     stored = await anyio.to_thread.run_sync(store)
@@ -192,7 +174,7 @@ async def get_interaction(state: StateDep, token: Admin,
                           interaction_id: Annotated[Text, Path(max_length=300)]) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.context.store.transaction() as tx:
-            found = tx.interactions.get(_resolve_interaction(tx, interaction_id))
+            found = tx.interactions.get(views.resolve_interaction(tx, interaction_id))
             return views.interaction_view(found, tx.feedback.for_interaction(found.id))
 
     return await anyio.to_thread.run_sync(read)
