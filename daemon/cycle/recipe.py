@@ -115,7 +115,7 @@ def train(work: Work) -> dict[str, Any]:
         parent_fisher = work.parent_dir / jobs.FISHER_FILE
         jobs.write_job(workdir, base_model=work.parent_dir, train_rows=work.read(SELECT_RESULT)["train"],
                        replay_rows=work.read(REPLAY_RESULT), rehearsal_rows=work.read(REHEARSAL_RESULT),
-                       experience=work.cycle.id, train=replace(config.train, threads=work.threads),
+                       experience=work.cycle.id, train=work.train_config,
                        replay=config.replay, ewc=config.ewc, fisher_in=parent_fisher if parent_fisher.exists() else None)
     result, curves = run_job(work, workdir, config.train.steps)
     work.write(TRAIN_RESULT, {**result, "curves": curves})
@@ -188,7 +188,7 @@ def heal(work: Work) -> dict[str, Any]:
         if not (workdir / jobs.JOB_FILE).exists():
             distill.write_heal_job(workdir, student=work.path(PRUNED_DIR), teacher=work.path(MERGED_DIR),
                                    prune_report=pruned, pruning=config.pruning,
-                                   train=replace(config.train, threads=work.threads),
+                                   train=work.train_config,
                                    kept_ids=load_kept_ids(work.path(PRUNED_DIR)), out_dir=work.path(HEALED_DIR), **rows)
         result, curves = run_job(work, workdir, config.pruning.heal_steps, start=distill.start_heal)
         if (work.path(PRUNED_DIR) / KEPT_IDS_FILE).exists():
@@ -196,7 +196,7 @@ def heal(work: Work) -> dict[str, Any]:
     else:
         if not (workdir / jobs.JOB_FILE).exists():
             jobs.write_job(workdir, base_model=work.path(PRUNED_DIR), experience=work.cycle.id,
-                           train=replace(config.train, steps=config.pruning.heal_steps, threads=work.threads),
+                           train=replace(work.train_config, steps=config.pruning.heal_steps),
                            replay=config.replay,
                            ewc=replace(config.ewc, strength=0.0, fisher_examples=0), **rows)
         result, curves = run_job(work, workdir, config.pruning.heal_steps)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from selftune.learners import jobs  # light on purpose (no torch): the names ins
 from selftune.policies.branches import changed_settings, restore
 from selftune.policies.config import Config
 from selftune.policies.records import Cycle, Generation
+from selftune.policies.training import TrainConfig
 
 from selftune.daemon.context import Context
 from selftune.daemon.lineage import branch_config
@@ -113,6 +114,11 @@ class Work:
         [branches.NAME] table, its stored settings), the same for the whole cycle even across restarts:
         a `branch set` while it runs applies from the next cycle on. Steps read this, not ``context.config``."""
         return restore(self.context.config, self.branch["settings"])
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """``config.train`` with the threads this cycle runs with (what its trainers are given)."""
+        return replace(self.config.train, threads=self.threads)
 
     @property
     def dir(self) -> Path:
